@@ -1,0 +1,370 @@
+"""Typed configuration: YAML files map onto dataclasses, with dotted command-line overrides.
+
+Every default lives here, once. Unknown keys, missing required keys and wrong types stop with an
+error that names the key and the file it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from sfd_scale.models.dinov2 import DinoConfig
+from sfd_scale.models.semantic_vae import SemanticVAEConfig
+from sfd_scale.models.texture_vae import TextureVAEConfig
+
+MISSING_REQUIRED = "???"  # a str field holding this must be set by the YAML or an override
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and the source."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """LightningDiT backbone with SFD dual-time conditioning and a REPA projector."""
+
+    size: Literal["S", "B", "L", "XL", "XXL", "1p6B", "custom"] = "XXL"
+    """Registry name (S/B/L/XL/XXL/1p6B); 'custom' takes depth/hidden_size/num_heads below."""
+    depth: int = 0
+    """Only for size=custom: number of transformer blocks."""
+    hidden_size: int = 0
+    """Only for size=custom: token width D."""
+    num_heads: int = 0
+    """Only for size=custom: attention heads (D must divide evenly)."""
+    input_size: int = 16
+    """Latent height and width (16 for ImageNet 256 with an f16 VAE)."""
+    patch_size: int = 1
+    in_channels: int = 48
+    """Composite latent channels: texture first, semantic last."""
+    semantic_channels: int = 16
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    """Label dropout for classifier-free guidance (the null class is row num_classes)."""
+    mlp_ratio: float = 4.0
+    repa_depth: int = 2
+    """1-based block whose output feeds the REPA projector; 0 disables REPA."""
+    repa_projector_dim: int = 2048
+    repa_feature_dim: int = 768
+    """Width of the REPA target (DINOv2 ViT-B/14: 768)."""
+    attention: Literal["auto", "sdpa", "math"] = "auto"
+    """Attention kernel; 'auto' picks the fastest available at start-up."""
+
+
+@dataclass
+class DiffusionConfig:
+    """Flow-matching objective and the asynchronous semantic/texture time schedule."""
+
+    offset: Literal["constant"] = "constant"
+    delta_t: float = 0.3
+    """How far semantics run ahead of texture."""
+    time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    semantic_weight: float = 2.0
+    """MSE weight of the semantic channels."""
+    cosine_weight: float = 1.0
+    """Weight of the per-pixel cosine velocity loss (0 disables it)."""
+    repa_weight: float = 1.0
+    repa_mode: Literal["cos", "mse", "cos_mse"] = "cos"
+
+
+@dataclass
+class DataConfig:
+    """Latent shards in the reference layout."""
+
+    data_dir: str = MISSING_REQUIRED
+    """Folder of *.safetensors shards with latents_stats.pt and latents_sv_stats.pt."""
+    latent_norm: bool = True
+    latent_sv_norm: bool = True
+    latent_multiplier: float = 1.0
+    random_flip: bool = True
+    """Pick the stored image or its flipped copy at random, as the reference does."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Global-norm gradient clipping; 0 disables it."""
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs"
+    exp_name: str = "sfd"
+    max_steps: int = 4_000_000
+    global_batch_size: int = 256
+    seed: int = 0
+    ema_decay: float = 0.9999
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU."""
+    device: str = "auto"
+    log_every: int = 100
+    ckpt_every: int = 80_000
+    keep_last: int = 2
+    sample_every: int = 0
+    """Write a sample grid PNG every this many steps (0: only at the end)."""
+    resume: Literal["auto", "never", "must"] = "auto"
+    """auto: resume from the latest complete checkpoint if one exists; must: error if none."""
+
+
+@dataclass
+class SampleConfig:
+    solver: Literal["euler", "heun", "dopri5"] = "dopri5"
+    num_steps: int = 250
+    atol: float = 1e-6
+    rtol: float = 1e-3
+    cfg_scale: float = 1.0
+    cfg_scale_sem: Optional[float] = None
+    """Semantic-channel guidance scale (defaults to cfg_scale)."""
+    cfg_scale_tex: Optional[float] = None
+    """Texture-channel guidance scale (defaults to cfg_scale)."""
+    cfg_interval_start: float = 0.0
+    """Guidance is off for a channel group while its t is below this."""
+    timestep_shift: float = 0.0
+    autoguidance_ckpt: str = ""
+    """Checkpoint of the small guiding model; empty disables AutoGuidance."""
+    autoguidance_config: str = ""
+    """YAML of the guiding model (its `model` section is used)."""
+    num_images: int = 50_000
+    batch_size: int = 64
+    balanced_labels: bool = True
+    seed: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["disabled", "offline", "online"] = "offline"
+    project: str = "sfd-scale"
+    progress_bar: bool = True
+
+
+@dataclass
+class EncodersConfig:
+    """The three frozen encoders behind the composite latent, each with its weight file."""
+
+    texture_vae_checkpoint: str = ""
+    """LDM AutoencoderKL f16d32 weights (VA-VAE or SD-VAE layout)."""
+    texture_vae: TextureVAEConfig = field(default_factory=TextureVAEConfig)
+    dino_checkpoint: str = ""
+    """DINOv2 ViT-B/14-reg weights in the torch.hub layout (dinov2_vitb14_reg4_pretrain.pth)."""
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    semvae_checkpoint: str = ""
+    """Semantic VAE weights written by launchers/train_semvae.py."""
+    semvae: SemanticVAEConfig = field(default_factory=SemanticVAEConfig)
+
+
+@dataclass
+class StageTraining:
+    """Optimisation of one small training stage (an encoder of the demo, the Semantic VAE)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class SFDConfig:
+    """One run of SFD training and sampling."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+
+
+@dataclass
+class SemVAETrainConfig:
+    """Training the Semantic VAE on DINOv2 features of an image folder (launchers/train_semvae.py)."""
+
+    image_dir: str = MISSING_REQUIRED
+    """Class-subfolder images (ImageNet train layout)."""
+    image_size: int = 256
+    output: str = "runs/semvae/semvae.safetensors"
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    training: StageTraining = field(default_factory=lambda: StageTraining(steps=100_000, batch_size=256, lr=1e-4))
+
+
+@dataclass
+class DemoConfig:
+    """The CPU demo: every stage of SFD at toy size on scikit-learn's digits."""
+
+    workdir: str = "runs/demo"
+    image_size: int = 32
+    texture_vae: StageTraining = field(default_factory=StageTraining)
+    texture_vae_kl_weight: float = 1e-6
+    dino: StageTraining = field(default_factory=StageTraining)
+    """The stand-in DINO encoder is trained as a digit classifier so its features carry class."""
+    semvae: StageTraining = field(default_factory=StageTraining)
+    shard_size: int = 512
+    samples_per_class: int = 10
+    sfd: SFDConfig = field(default_factory=SFDConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from plain data
+# ----------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check (and minimally convert) one value against a field type."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, source)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key} = {value!r} is not one of {list(allowed)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, f"{key}.", source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            value = _yaml11_float(value)  # YAML 1.1 reads '1e-4' (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key} has unsupported type {_type_name(tp)}")
+
+
+def _yaml11_float(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]} (valid keys in {prefix or 'the top level'}: "
+            f"{', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], prefix + f.name, source)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a component's own validation (__post_init__)
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{source}: in section {prefix.rstrip('.') or 'top level'}: {exc}") from exc
+
+
+def from_dict(cls: type, data: dict, source: str = "<dict>") -> Any:
+    """Build a config dataclass from nested plain data, rejecting unknown keys and bad types."""
+    cfg = _build(cls, data or {}, "", source)
+    _check_required(cfg, "", source)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (YAML/JSON-able) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _check_required(cfg: Any, prefix: str, source: str) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_required(value, f"{prefix}{f.name}.", source)
+        elif value == MISSING_REQUIRED:
+            raise ConfigError(f"{source}: required key {prefix}{f.name} is missing (set it in the YAML "
+                              f"or with --set {prefix}{f.name}=...)")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=2e-4' -> (['train', 'lr'], 2e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in nested plain data (a copy); typing is checked when the dataclass is built."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, cls: type = SFDConfig) -> Any:
+    """Read a YAML file, apply `--set` overrides and build the typed config."""
+    data = apply_overrides(load_yaml(path), overrides or [])
+    source = str(path) + (" (with --set overrides)" if overrides else "")
+    return from_dict(cls, data, source)

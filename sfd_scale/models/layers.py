@@ -1,0 +1,186 @@
+"""Building blocks of LightningDiT: RMSNorm, 2-D RoPE, SwiGLU, attention, embedders.
+
+Parameter and buffer names follow the reference checkpoints (SPEC section 2), so released weights
+load by key.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (as the reference does) with a learnable weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """AdaLN modulation: x (B, N, D), shift/scale (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): rotation by 90 degrees in each pair."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+class Rope2D(nn.Module):
+    """EVA-style 2-D rotary embedding on a square token grid.
+
+    The first half of each head's channels rotates with the token's row, the second half with its
+    column; frequencies theta^(-2k/d) with d = head_dim / 2, each repeated for an interleaved pair.
+    The tables are persistent buffers (`freqs_cos`, `freqs_sin`) because reference checkpoints hold them.
+    """
+
+    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+        half = head_dim // 2
+        inv_freq = theta ** (-torch.arange(0, half, 2).float() / half)      # (half/2,)
+        pos = torch.arange(grid).float()
+        angles = torch.outer(pos, inv_freq).repeat_interleave(2, dim=-1)    # (grid, half)
+        rows = angles[:, None, :].expand(grid, grid, half)
+        cols = angles[None, :, :].expand(grid, grid, half)
+        table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)  # (N, head_dim)
+        self.register_buffer("freqs_cos", table.cos())
+        self.register_buffer("freqs_sin", table.sin())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, heads, N, head_dim) -> same shape, rotated by token position."""
+        return x * self.freqs_cos + rotate_pairs(x) * self.freqs_sin
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain softmax attention: the reference every fused kernel is tested against."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.float().softmax(dim=-1).type_as(v) @ v
+
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """PyTorch SDPA: picks flash/cuDNN/memory-efficient kernels on GPU, math on CPU."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "math": attention_math}
+
+
+def resolve_attention(name: str):
+    """The single dispatch point for the attention kernel (logged once by the caller)."""
+    if name == "auto":
+        name = "sdpa"
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention: unknown backend {name!r} (known: auto, "
+                         f"{', '.join(ATTENTION_BACKENDS)})")
+    return name, ATTENTION_BACKENDS[name]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with qkv bias, per-head RMS qk-norm and 2-D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, attention: str = "auto") -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+        _, self.attend = resolve_attention(attention)
+
+    def forward(self, x: torch.Tensor, rope: Rope2D) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                   # each (B, heads, N, head_dim)
+        q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
+        out = self.attend(q, k, v)                                # (B, heads, N, head_dim)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP with the gate and value projections fused into one `w12` matmul."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of a scalar time (cos first, then sin) followed by a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256) -> None:
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                               device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = F.pad(emb, (0, 1))
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoid(t, self.frequency_size).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table with one extra row (index num_classes) for the null label of CFG."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: torch.Tensor, drop: bool, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+        if drop and self.dropout_prob > 0:
+            u = torch.rand(labels.shape, generator=generator, device="cpu").to(labels.device)
+            labels = torch.where(u < self.dropout_prob, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table (grid*grid, dim): first half encodes the column, second
+    half the row; each half is [sin(p w), cos(p w)] with w_k = 10000^(-k / (dim/4))."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
