@@ -24,6 +24,8 @@ setup(
         "pillow>=10",
         "tqdm>=4.66",
         "wandb==0.31.0",
+        # Reference checkpoints pickle their config as an OmegaConf object; we allow-list it.
+        "omegaconf>=2.3,<3",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

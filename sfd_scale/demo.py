@@ -191,7 +191,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     log.info("[7/8] sampling")
     num_classes = cfg.sfd.model.num_classes
     sample_labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
-    latents = generate_latents(trainer.ema.model, sample_labels, torch.arange(len(sample_labels)),
+    latents = generate_latents(trainer.engine.ema_model(), sample_labels, torch.arange(len(sample_labels)),
                                cfg.sfd.sample, cfg.sfd.diffusion)
     samples = decode_to_uint8(latents, cfg.sfd.model.semantic_channels,
                               LatentStats.from_data(cfg.sfd.data), vae)

@@ -141,3 +141,59 @@ def test_bad_sizes_name_the_key():
         build_model(tiny(semantic_channels=12))
     with pytest.raises(ValueError, match="model.size=custom"):
         build_model(ModelConfig(size="custom"))
+
+
+def _reference_style_checkpoint(tmp_path, model, with_omegaconf: bool):
+    from omegaconf import OmegaConf
+
+    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    config = {"model": {"model_type": "LightningDiT-XL/1", "semantic_chans": 4}}
+    ckpt = {"model": model.state_dict(), "ema": ema, "opt": {"state": {}, "param_groups": []},
+            "config": OmegaConf.create(config) if with_omegaconf else config}
+    path = tmp_path / "0070000.pt"
+    torch.save(ckpt, path)
+    return path, ema
+
+
+@pytest.mark.parametrize("with_omegaconf", [False, True])
+def test_reference_training_checkpoint_loads_ema_strictly(tmp_path, with_omegaconf):
+    from sfd_scale.models.lightningdit import load_lightningdit
+
+    model = build_model(tiny())
+    path, ema = _reference_style_checkpoint(tmp_path, model, with_omegaconf)
+    loaded = load_lightningdit(path, tiny())
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+
+
+def test_plain_and_safetensors_state_dicts_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from sfd_scale.models.lightningdit import load_lightningdit
+
+    model = build_model(tiny())
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    for name in ("plain.pt", "w.safetensors"):
+        loaded = load_lightningdit(tmp_path / name, tiny())
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    from sfd_scale.models.lightningdit import load_lightningdit
+
+    torch.save(build_model(tiny(hidden_size=32)).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"(?s)other\.pt.*shape mismatches"):
+        load_lightningdit(tmp_path / "other.pt", tiny())
+    with pytest.raises(FileNotFoundError, match="SFD-Project/SFD"):
+        load_lightningdit(tmp_path / "missing.pt", tiny())
+
+
+def test_arbitrary_pickled_objects_are_refused(tmp_path):
+    from sfd_scale.models.lightningdit import load_lightningdit
+
+    from argparse import Namespace  # any importable class that is not allow-listed
+
+    torch.save({"ema": build_model(tiny()).state_dict(), "extra": Namespace(a=1)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a plain tensor checkpoint"):
+        load_lightningdit(tmp_path / "evil.pt", tiny())

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfd_scale.config import DataConfig, DiffusionConfig, SampleConfig
+from sfd_scale.config import DataConfig, DiffusionConfig, ModelConfig, SampleConfig
 from sfd_scale.data.shards import read_stats
 from sfd_scale.diffusion.guidance import GuidedVelocity, VelocityFn
 from sfd_scale.diffusion.sampler import SamplerSettings, per_index_noise, sample
 from sfd_scale.diffusion.schedule import build_offset_schedule
-from sfd_scale.models.lightningdit import LightningDiT
+from sfd_scale.models.lightningdit import LightningDiT, build_model, load_lightningdit
+from sfd_scale.models.weights import load_strict
+from sfd_scale.train.checkpoint import CheckpointStore, read_state
 
 
 @dataclass
@@ -33,6 +35,20 @@ class LatentStats:
     def denormalize(self, texture: torch.Tensor) -> torch.Tensor:
         """Inverse of the loader's (x - mean) / std * multiplier."""
         return texture / self.multiplier * self.std.to(texture) + self.mean.to(texture)
+
+
+def load_model_for_sampling(path: str | Path, cfg: ModelConfig) -> LightningDiT:
+    """EMA weights from a step folder of our checkpoints (verified first), or from any file that
+    `load_lightningdit` reads (reference `.pt`, plain state dict, safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        step_dir = path
+        store = CheckpointStore(step_dir.parent, keep_last=2)
+        store.verify(int(step_dir.name.split("-")[-1]))
+        model = build_model(cfg)
+        load_strict(model, read_state(step_dir, "ema"), source=str(step_dir / "ema.safetensors"))
+        return model.eval()
+    return load_lightningdit(path, cfg).eval()
 
 
 def eval_velocity(model: LightningDiT) -> VelocityFn:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from sfd_scale.config import ModelConfig
+from sfd_scale.models.weights import load_strict, read_state_dict
 from sfd_scale.models.layers import (Attention, LabelEmbedder, RMSNorm, Rope2D, SwiGLU,
                                      TimestepEmbedder, modulate, resolve_attention,
                                      sincos_pos_embed_2d)
@@ -200,6 +202,23 @@ def build_model(cfg: ModelConfig) -> LightningDiT:
         return LightningDiT(cfg)
     except ValueError as exc:
         raise ValueError(f"while building LightningDiT ({cfg.size}): {exc}") from exc
+
+
+SFD_WEIGHTS_SOURCE = "Hugging Face SFD-Project/SFD (model_weights/...), or an export of this project"
+
+
+def load_lightningdit(path: str | Path, cfg: ModelConfig, prefer: tuple[str, ...] = ("ema", "model")
+                      ) -> LightningDiT:
+    """Build a LightningDiT from `cfg` and load weights strictly by key.
+
+    Accepts reference training checkpoints (`.pt` with `model`/`ema`/`opt`/`config`; the EMA
+    weights are taken first by default), plain state dicts and safetensors files.
+    """
+    state = read_state_dict(path, what=f"LightningDiT-{cfg.size}", where_to_get=SFD_WEIGHTS_SOURCE,
+                            prefer=prefer)
+    model = build_model(cfg)
+    load_strict(model, state, source=str(path))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -99,9 +99,43 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"'{path}' is corrupt or not a safetensors file: {err}") from err
 
 
-def _read_torch(path: Path) -> object:
+def reference_config_allowlist() -> list:
+    """Classes a reference training checkpoint's `config` entry (an OmegaConf DictConfig) needs.
+
+    These are data containers only; loading stays `weights_only=True` with exactly these added.
+    Empty when omegaconf is not installed (such files then fail with the usual clear error).
+    """
+    try:
+        import typing
+        from collections import defaultdict
+
+        from omegaconf import DictConfig, ListConfig, nodes
+        from omegaconf.base import ContainerMetadata, Metadata
+    except ImportError:
+        return []
+    return [DictConfig, ListConfig, ContainerMetadata, Metadata, nodes.AnyNode, nodes.StringNode,
+            nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode, typing.Any, dict, list, int,
+            float, str, bool, defaultdict]
+
+
+def _load_torch_checked(path: Path) -> object:
+    """weights_only load; retried once with the OmegaConf allow-list for reference checkpoints."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        allowlist = reference_config_allowlist()
+        if "omegaconf" not in str(err) or not allowlist:
+            raise
+        with torch.serialization.safe_globals(allowlist):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        logger.info("'%s': loaded a reference checkpoint whose config is an OmegaConf object "
+                    "(allow-listed data classes only)", path)
+        return raw
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        return _load_torch_checked(path)
     except pickle.UnpicklingError as err:
         # weights_only refuses pickled Python objects; random bytes land here too.
         raise ValueError(

@@ -21,11 +21,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
                              weight_decay=cfg.weight_decay, **kernel)
 
 
-def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `optim.warmup_steps`, then constant (the SFD recipe has no decay)."""
-    warmup = cfg.warmup_steps
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant (the SFD
+    recipe has no decay). A pure function of the step, so resume needs no scheduler state."""
+    if cfg.warmup_steps <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
 
-    def factor(step: int) -> float:
-        return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

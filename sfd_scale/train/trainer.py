@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,9 @@ from sfd_scale.data.loader import LatentShardDataset, ShardLoader
 from sfd_scale.diffusion.loss import SFDLoss
 from sfd_scale.logging import MetricsLogger
 from sfd_scale.models.lightningdit import LightningDiT, build_model, count_parameters
-from sfd_scale.train.checkpoint import CheckpointStore
-from sfd_scale.train.ema import EMA
-from sfd_scale.train.optim import build_lr_schedule, build_optimizer
+from sfd_scale.parallel.engine import Engine, LocalEngine
+from sfd_scale.train.checkpoint import CheckpointStore, write_state
+from sfd_scale.train.optim import lr_at
 from sfd_scale.train.rng import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
@@ -60,10 +59,8 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         self.preview = preview
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg.model).to(self.device).train()
-        self.ema = EMA(self.model, cfg.train.ema_decay)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim)
+        self.engine: Engine = LocalEngine(build_model(cfg.model).train(), cfg.optim,
+                                          cfg.train.ema_decay, self.device)
         self.loss_fn = SFDLoss(cfg.diffusion, cfg.model.semantic_channels)
         # Noise, times and label dropout come from this generator, saved in every checkpoint.
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1)
@@ -78,7 +75,8 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         log.info("model LightningDiT-%s: %.2f M parameters, attention %s, device %s",
-                 cfg.model.size, count_parameters(self.model) / 1e6, self.model.attention_backend,
+                 cfg.model.size, count_parameters(self.engine.unwrap()) / 1e6,
+                 self.engine.unwrap().attention_backend,
                  self.device)
 
     def _check_data_matches_model(self, dataset: LatentShardDataset) -> None:
@@ -91,22 +89,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # State
     # ------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def trainer_state(self) -> dict:
+        """What the loop owns besides the engine: data position, random generators, counters."""
         return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_schedule": self.lr_schedule.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": {"loss": self.generator.get_state(), "global": capture_rng()},
             "counters": {"step": self.step, "skipped_steps": self.skipped_steps},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"], strict=True)
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
+    def load_trainer_state(self, state: dict) -> None:
         self.loader.load_state_dict(state["loader"])
         self.batches = _endless(self.loader)
         self.generator.set_state(state["rng"]["loss"])
@@ -116,7 +107,13 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         meta = {"step": self.step, "config": to_dict(self.cfg)}
-        path = self.store.save(self.step, self.state_dict(), meta)
+        state = self.trainer_state()
+
+        def write(folder: Path) -> None:
+            self.engine.save(folder)
+            write_state(folder, "trainer", state)
+
+        path = self.store.save_files(self.step, write, meta, entries=["trainer"])
         log.info("checkpoint step %d -> %s", self.step, path)
         return path
 
@@ -130,7 +127,8 @@ class Trainer:
             return False
         step, entries, meta = found
         self._check_architecture(meta)
-        self.load_state_dict(entries)
+        self.engine.load(self.store.step_dir(step))
+        self.load_trainer_state(entries["trainer"])
         log.info("resumed from step %d", step)
         return True
 
@@ -152,27 +150,21 @@ class Trainer:
     def train_step(self) -> StepResult:
         x, y, feats = self.next_batch()
         with autocast_for(self.cfg.train.precision, self.device):
-            terms = self.loss_fn(self.model, x, y, feats if self.cfg.model.repa_depth > 0 else None,
+            terms = self.loss_fn(self.engine.model, x, y,
+                                 feats if self.cfg.model.repa_depth > 0 else None,
                                  generator=self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.engine.zero_grad()
+        self.engine.backward(terms["loss"])
+        lr = lr_at(self.step, self.cfg.optim)
+        stats = self.engine.step(lr, terms["loss"].detach())
         metrics = {k: v.item() for k, v in terms.items()}
-        metrics["grad_norm"] = grad_norm.item()
-        metrics["lr"] = self.lr_schedule.get_last_lr()[0]
-        # A non-finite loss or gradient would poison the weights and the EMA: skip the update.
-        skipped = not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
-        if skipped:
+        metrics.update(grad_norm=stats.grad_norm, lr=lr)
+        if stats.skipped:
             self.skipped_steps += 1
             log.warning("step %d: non-finite loss %.4g or grad norm %.4g, update skipped (%d so far)",
-                        self.step + 1, metrics["loss"], metrics["grad_norm"], self.skipped_steps)
-        else:
-            self.optimizer.step()
-            self.ema.update(self.model)
-        self.lr_schedule.step()
+                        self.step + 1, metrics["loss"], stats.grad_norm, self.skipped_steps)
         self.step += 1
-        return StepResult(metrics, skipped)
+        return StepResult(metrics, stats.skipped)
 
     def fit(self, max_steps: int | None = None) -> None:
         """Train until max_steps (default train.max_steps), checkpointing and logging on the way."""
@@ -201,11 +193,11 @@ class Trainer:
                 if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
                 if self.preview is not None and cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
-                    logger.log_image(self.step, "samples", self.preview(self.ema.model, self.step))
+                    logger.log_image(self.step, "samples", self.preview(self.engine.ema_model(), self.step))
             if self.store.latest_step() != self.step:
                 self.save_checkpoint()
             if self.preview is not None:
-                logger.log_image(self.step, "samples", self.preview(self.ema.model, self.step))
+                logger.log_image(self.step, "samples", self.preview(self.engine.ema_model(), self.step))
         finally:
             progress.close()
             logger.close()

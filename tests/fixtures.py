@@ -1,0 +1,55 @@
+"""Small shared builders for tests: latent shard folders and tiny run configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sfd_scale.config import SFDConfig, from_dict
+from sfd_scale.data.shards import RunningStats, shard_name, write_shard, write_stats
+
+TINY = dict(c_tex=4, c_sem=2, c_dino=8, hw=4, num_classes=5)
+
+
+def write_latent_folder(root: Path, n: int = 40, shard_size: int = 16, seed: int = 0,
+                        c_tex: int = TINY["c_tex"], c_sem: int = TINY["c_sem"],
+                        c_dino: int = TINY["c_dino"], hw: int = TINY["hw"],
+                        num_classes: int = TINY["num_classes"]) -> Path:
+    """Random reference-layout shards with class-dependent means, plus exact stats files."""
+    g = torch.Generator().manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    labels = torch.arange(n) % num_classes
+    tex = torch.randn(n, c_tex, hw, hw, generator=g) + labels.view(-1, 1, 1, 1)
+    sem = torch.randn(n, c_sem, hw, hw, generator=g) - labels.view(-1, 1, 1, 1)
+    dino = torch.randn(n, c_dino, hw, hw, generator=g).half()
+    for k, start in enumerate(range(0, n, shard_size)):
+        s = slice(start, start + shard_size)
+        write_shard(root / shard_name(0, k), {
+            "latents": tex[s], "latents_flip": tex[s].flip(-1),
+            "latents_sv": sem[s], "latents_sv_flip": sem[s].flip(-1),
+            "feats_dino": dino[s], "feats_dino_flip": dino[s].flip(-1),
+            "labels": labels[s].to(torch.int64)})
+    for key, x in (("latents", tex), ("latents_sv", sem)):
+        stats = RunningStats(x.shape[1])
+        stats.update(x)
+        write_stats(root, key, stats.mean.float(), stats.std().float())
+    return root
+
+
+def tiny_sfd_config(data_dir: Path, **sections) -> SFDConfig:
+    """A LightningDiT of a few thousand parameters over write_latent_folder's layout."""
+    data = {
+        "model": dict(size="custom", depth=2, hidden_size=32, num_heads=2,
+                      input_size=TINY["hw"], in_channels=TINY["c_tex"] + TINY["c_sem"],
+                      semantic_channels=TINY["c_sem"], num_classes=TINY["num_classes"],
+                      repa_depth=1, repa_projector_dim=16, repa_feature_dim=TINY["c_dino"]),
+        "data": {"data_dir": str(data_dir)},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "train": dict(max_steps=6, global_batch_size=8, log_every=2, ckpt_every=3, keep_last=2,
+                      ema_decay=0.9),
+        "logging": {"wandb": "disabled", "progress_bar": False},
+        "sample": {"solver": "euler", "num_steps": 5},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return from_dict(SFDConfig, data, "tiny test config")
