@@ -123,6 +123,34 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Which engine trains the model across processes, and how memory is traded for compute."""
+
+    engine: Literal["local", "ddp", "fsdp2", "deepspeed"] = "local"
+    """local: one process; ddp; fsdp2 (fully_shard per block); deepspeed (ZeRO, see zero_stage)."""
+    tensor_parallel: int = 1
+    """megatron-core tensor parallelism degree (1, 2, 4, 8); data parallel over the other ranks."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage (1, 2, 3) when engine=deepspeed."""
+    deepspeed_config: str = ""
+    """Optional DeepSpeed JSON (configs/deepspeed/*.json); empty: generated from this YAML."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer state in CPU memory."""
+    offload_params: bool = False
+    """DeepSpeed ZeRO-3: keep parameters in CPU memory."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """full: recompute every block; selective: every `checkpoint_every`-th block or attention only."""
+    checkpoint_every: int = 2
+    """selective checkpointing: recompute every k-th block."""
+    checkpoint_attention_only: bool = False
+    """selective checkpointing: recompute only the attention of each block."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; global batch = micro batch x dp size x this."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend: auto picks nccl with CUDA, gloo otherwise."""
+
+
+@dataclass
 class SampleConfig:
     solver: Literal["euler", "heun", "dopri5"] = "dopri5"
     num_steps: int = 250
@@ -187,6 +215,7 @@ class SFDConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -91,37 +93,66 @@ def resolve_attention(name: str):
     return name, ATTENTION_BACKENDS[name]
 
 
+def _dense(in_features: int, out_features: int) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=True)
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """How a block's big projections are built: the slot tensor parallelism fills (megatron-style).
+
+    `column(in, out)` makes a layer whose output features are split over `tp_size` ranks (qkv,
+    w12); `row(in, out)` one whose input features are split and whose output is reduced (proj,
+    w3). Both return plain tensors. Each rank's column output is laid out [q_r, k_r, v_r] and
+    [gate_r, value_r], so forward code is the same for every tp size.
+    """
+
+    column: Callable[[int, int], nn.Module] = _dense
+    row: Callable[[int, int], nn.Module] = _dense
+    tp_size: int = 1
+
+
+DENSE = LinearSpec()
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with qkv bias, per-head RMS qk-norm and 2-D RoPE."""
 
-    def __init__(self, dim: int, num_heads: int, attention: str = "auto") -> None:
+    def __init__(self, dim: int, num_heads: int, attention: str = "auto",
+                 linears: LinearSpec = DENSE) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
+        if num_heads % linears.tp_size:
+            raise ValueError(f"num_heads {num_heads} is not divisible by the tensor-parallel size "
+                             f"{linears.tp_size}")
+        self.num_heads = num_heads // linears.tp_size                # heads on this rank
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.qkv = linears.column(dim, 3 * dim)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = linears.row(dim, dim)
         _, self.attend = resolve_attention(attention)
 
     def forward(self, x: torch.Tensor, rope: Rope2D) -> torch.Tensor:
-        b, n, d = x.shape
+        b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                   # each (B, heads, N, head_dim)
         q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
         out = self.attend(q, k, v)                                # (B, heads, N, head_dim)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):
     """SwiGLU MLP with the gate and value projections fused into one `w12` matmul."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, linears: LinearSpec = DENSE) -> None:
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
+        if hidden % linears.tp_size:
+            raise ValueError(f"SwiGLU hidden size {hidden} is not divisible by the tensor-parallel "
+                             f"size {linears.tp_size}")
+        self.w12 = linears.column(dim, 2 * hidden)
+        self.w3 = linears.row(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.w12(x).chunk(2, dim=-1)

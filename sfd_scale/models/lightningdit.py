@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from sfd_scale.config import ModelConfig
 from sfd_scale.models.weights import load_strict, read_state_dict
-from sfd_scale.models.layers import (Attention, LabelEmbedder, RMSNorm, Rope2D, SwiGLU,
-                                     TimestepEmbedder, modulate, resolve_attention,
+from sfd_scale.models.layers import (DENSE, Attention, LabelEmbedder, LinearSpec, RMSNorm, Rope2D,
+                                     SwiGLU, TimestepEmbedder, modulate, resolve_attention,
                                      sincos_pos_embed_2d)
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,13 @@ def resolve_size(cfg: ModelConfig) -> Size:
 
 
 class LightningDiTBlock(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attention: str) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attention: str,
+                 linears: LinearSpec = DENSE) -> None:
         super().__init__()
         self.norm1 = RMSNorm(hidden_size)
-        self.attn = Attention(hidden_size, num_heads, attention)
+        self.attn = Attention(hidden_size, num_heads, attention, linears)
         self.norm2 = RMSNorm(hidden_size)
-        self.mlp = SwiGLU(hidden_size, int(2 / 3 * mlp_ratio * hidden_size))
+        self.mlp = SwiGLU(hidden_size, int(2 / 3 * mlp_ratio * hidden_size), linears)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Rope2D) -> torch.Tensor:
@@ -96,7 +97,7 @@ class PatchEmbed(nn.Module):
 class LightningDiT(nn.Module):
     """SFD velocity model: (x_t, t_tex, t_sem, y) -> velocity [, REPA projection]."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, linears: LinearSpec = DENSE) -> None:
         super().__init__()
         size = resolve_size(cfg)
         if cfg.input_size % cfg.patch_size:
@@ -129,7 +130,8 @@ class LightningDiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, d), requires_grad=False)
         self.feat_rope = Rope2D(d // size.num_heads, self.grid)
         self.blocks = nn.ModuleList(
-            LightningDiTBlock(d, size.num_heads, cfg.mlp_ratio, cfg.attention) for _ in range(size.depth))
+            LightningDiTBlock(d, size.num_heads, cfg.mlp_ratio, cfg.attention, linears)
+            for _ in range(size.depth))
         self.final_layer = FinalLayer(d, cfg.patch_size ** 2 * cfg.in_channels)
         if cfg.repa_depth > 0:
             self.repa_projector = nn.Sequential(
@@ -144,6 +146,7 @@ class LightningDiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+        # Tensor-parallel linears (not nn.Linear) initialise themselves; checkpoints overwrite them.
         self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid)[None])
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # patchify initialised like a Linear
@@ -197,9 +200,9 @@ class LightningDiT(nn.Module):
         return (out, repa) if return_repa else out
 
 
-def build_model(cfg: ModelConfig) -> LightningDiT:
+def build_model(cfg: ModelConfig, linears: LinearSpec = DENSE) -> LightningDiT:
     try:
-        return LightningDiT(cfg)
+        return LightningDiT(cfg, linears)
     except ValueError as exc:
         raise ValueError(f"while building LightningDiT ({cfg.size}): {exc}") from exc
 
