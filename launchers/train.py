@@ -1,7 +1,9 @@
 """Train SFD: `python launchers/train.py --config configs/sfd_xl.yaml --set data.data_dir=...`.
 
 Single process (CPU or one GPU) for now; the run folder is <train.output_dir>/<train.exp_name>,
-and a run resumes from its latest complete checkpoint automatically (train.resume=auto).
+and a run resumes from its latest complete checkpoint automatically (train.resume=auto). With
+encoders.texture_vae_checkpoint and train.sample_every set, a sample grid of the EMA model is
+written to <run>/samples/ every sample_every steps.
 """
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import argparse
 from pathlib import Path
 
 from sfd_scale.config import SFDConfig, load_config
+from sfd_scale.eval.generate import make_preview
 from sfd_scale.logging import get_logger
+from sfd_scale.models.texture_vae import load_texture_vae
 from sfd_scale.train.trainer import Trainer
 
 
@@ -27,7 +31,12 @@ def main() -> None:
     cfg: SFDConfig = load_config(args.config, args.overrides)
     run_dir = Path(cfg.train.output_dir) / cfg.train.exp_name
     log.info("run folder %s", run_dir)
-    trainer = Trainer(cfg, run_dir)
+    preview = None
+    if cfg.encoders.texture_vae_checkpoint and cfg.train.sample_every > 0:
+        vae = load_texture_vae(cfg.encoders.texture_vae_checkpoint, cfg.encoders.texture_vae)
+        preview = make_preview(cfg.sample, cfg.diffusion, cfg.data, vae, run_dir / "samples",
+                               cfg.model.num_classes)
+    trainer = Trainer(cfg, run_dir, preview=preview)
     trainer.maybe_resume()
     trainer.fit()
 

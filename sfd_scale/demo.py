@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from sfd_scale.config import DemoConfig, to_dict
 from sfd_scale.data.demo_digits import digits_arrays, write_digits_folder
+from sfd_scale.data.encoders import composite_encode_fn
 from sfd_scale.data.extract import extract_folder
 from sfd_scale.data.images import ImageFolderIndex, load_image_pm1
 from sfd_scale.eval.generate import LatentStats, decode_to_uint8, generate_latents, save_grid
@@ -166,14 +167,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     semvae = train_semvae(cfg, feats, Path(enc.semvae_checkpoint))
 
     log.info("[5/8] extraction -> %s", shards)
-
-    @torch.no_grad()
-    def encode(batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = dino(batch)
-        return {"latents": vae.encode(batch).sample(), "latents_sv": semvae.encode(f).mode(),
-                "feats_dino": f}
-
-    extract_folder(index, shards, encode, shard_size=cfg.shard_size, image_size=cfg.image_size,
+    extract_folder(index, shards, composite_encode_fn(vae, dino, semvae), shard_size=cfg.shard_size, image_size=cfg.image_size,
                    batch_size=256, seed=cfg.sfd.train.seed)
 
     semantic = _batched(lambda f: semvae.encode(f).mode(), feats).numpy()
@@ -183,8 +177,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
              sem_probe, dino_probe)
 
     log.info("[6/8] SFD training")
-    run_dir = work / "sfd"
-    trainer = Trainer(cfg.sfd, run_dir)
+    trainer = Trainer(cfg.sfd, Path(cfg.sfd.train.output_dir) / cfg.sfd.train.exp_name)
     trainer.maybe_resume()
     trainer.fit()
 

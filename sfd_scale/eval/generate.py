@@ -113,3 +113,22 @@ def save_grid(images: np.ndarray, path: Path, columns: int) -> Path:
     Image.fromarray(canvas).save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+def make_preview(sample_cfg: SampleConfig, diffusion_cfg: DiffusionConfig, data_cfg: DataConfig,
+                 vae, out_dir: Path, num_classes: int, per_class: int = 1, max_classes: int = 16):
+    """A `PreviewFn` for the trainer: a small class-conditional grid from the EMA model."""
+    stats = LatentStats.from_data(data_cfg)
+    classes = torch.arange(min(num_classes, max_classes))
+    labels = classes.repeat_interleave(per_class)
+
+    def preview(ema_model: LightningDiT, step: int) -> Path:
+        was_training = ema_model.training
+        device = next(ema_model.parameters()).device
+        latents = generate_latents(ema_model, labels, torch.arange(len(labels)), sample_cfg,
+                                   diffusion_cfg)
+        images = decode_to_uint8(latents, ema_model.semantic_channels, stats, vae.to(device))
+        ema_model.train(was_training)
+        return save_grid(images, Path(out_dir) / f"step-{step:08d}.png", columns=per_class)
+
+    return preview

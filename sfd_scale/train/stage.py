@@ -44,7 +44,7 @@ def fit(module: nn.Module, next_batch: BatchFn, loss_fn: LossFn, stage: StageTra
         out["loss"].backward()
         optimizer.step()
         if step % log_every == 0 or step == stage.steps:
-            terms = {k: float(v) for k, v in out.items()}
+            terms = {k: float(v.detach()) for k, v in out.items()}
             log.info("%s step %d/%d: %s", name, step, stage.steps,
                      ", ".join(f"{k} {v:.4f}" for k, v in terms.items()))
     module.eval()
