@@ -13,7 +13,6 @@ from sfd_scale.models.semantic_vae import (
     load_semantic_vae,
     semantic_vae_loss,
     semantic_vae_loss_terms,
-    sincos_pos_embed_2d,
 )
 from sfd_scale.models.texture_vae import DiagonalGaussian
 
@@ -52,16 +51,6 @@ def test_shape_errors_name_expected_shape():
         model.decode(torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         SemanticVAEConfig(width=30, num_heads=4)
-
-
-def test_sincos_position_embedding_values():
-    pos = sincos_pos_embed_2d(grid=3, dim=8)
-    assert pos.shape == (9, 8)
-    # Token 5 is row 1, column 2; frequencies 1 and 1/100 for dim / 4 = 2.
-    row, col = 1.0, 2.0
-    expected = [math.sin(row), math.sin(row / 100), math.cos(row), math.cos(row / 100),
-                math.sin(col), math.sin(col / 100), math.cos(col), math.cos(col / 100)]
-    torch.testing.assert_close(pos[5], torch.tensor(expected))
 
 
 def test_loss_terms_match_hand_computation():

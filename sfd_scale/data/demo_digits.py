@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .images import ImageFolderIndex
-from .shards import atomic_write_bytes
+from sfd_scale.atomic import atomic_write_bytes
 
 _MARKER = ".complete.json"  # written last: its presence means every PNG is in place
 _GREY_LEVELS = 16

@@ -27,6 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from sfd_scale.atomic import atomic_write_bytes
+
 logger = logging.getLogger(__name__)
 
 TEXTURE_KEY = "latents"
@@ -90,27 +92,6 @@ def list_shards(data_dir: str | os.PathLike) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no *{SHARD_SUFFIX} shards in {data_dir}; {WHERE_TO_GET}")
     return files
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    # fsync the folder so the rename itself survives a crash.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfd_scale.models.dinov2 import SelfAttention
+from sfd_scale.models.layers import sincos_pos_embed_2d
 from sfd_scale.models.texture_vae import DiagonalGaussian
 from sfd_scale.models.weights import load_strict, read_state_dict
 
-POS_TEMPERATURE = 10000.0
 SEMANTIC_VAE_SOURCE = (
     "a Semantic VAE training run of this project (launchers/train_semvae.py); the reference "
     "release does not ship SemVAE weights"
@@ -65,24 +65,6 @@ class SemanticVAEConfig:
             )
 
 
-def sincos_pos_embed_2d(grid: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (grid * grid, dim), row-major like the tokens.
-
-    The first half of the channels encodes the row, the second half the column; each half is
-    [sin(pos * w_k), cos(pos * w_k)] with w_k = 1 / 10000^(k / (dim / 4)).
-    """
-    quarter = dim // 4
-    freqs = 1.0 / POS_TEMPERATURE ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    coords = torch.arange(grid, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-
-    def encode(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * freqs.reshape(1, -1)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(rows), encode(cols)], dim=1).float()
-
-
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
 
@@ -107,7 +89,7 @@ class TokenTransformer(nn.Module):
         self.grid = cfg.grid
         self.in_proj = nn.Linear(in_dim, cfg.width)
         # Fixed, so it is rebuilt from the config rather than stored in checkpoints.
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.grid, cfg.width), persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.width, cfg.grid), persistent=False)
         self.blocks = nn.ModuleList(
             TransformerBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)
         )
