@@ -29,6 +29,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # Distributed engines (tested on CPU with gloo): DeepSpeed ZeRO and megatron-core TP.
+        "engines": ["deepspeed==0.19.8", "megatron-core==0.16.1"],
         # GPU-only fast paths; each is optional and has a plain-PyTorch twin.
         "gpu": ["flash-attn", "xformers"],
     },

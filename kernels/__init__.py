@@ -1,1 +1,26 @@
-"""Triton kernels with plain-PyTorch references; installed as `sfd_scale.kernels`."""
+"""Triton kernels with plain-PyTorch references; installed as `sfd_scale.kernels`.
+
+Triton is optional: this package imports without it, and so does `reference` (the plain-PyTorch
+twins). The kernel modules (`rmsnorm_modulate`, `swiglu`, `rope`) import Triton and are loaded
+only by `sfd_scale.models.fast_paths` once it has decided that they can run: on a CUDA device, or
+on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, set before the modules are imported).
+
+Kernels here call Triton builtins only (`tl.load`, `tl.exp`, `tl.reduce`, ...), never the helpers
+of `triton.language.standard` (`tl.sum`, `tl.zeros`, `tl.sigmoid`, ...): those are themselves
+`@triton.jit` functions, fixed as compiled or interpreted when `triton` is first imported (which
+torch does early, e.g. for its FLOP counter), so the interpreter could not run them in a process
+that imported Triton before setting the variable.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels defined from now on run in its (slow, CPU) interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

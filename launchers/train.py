@@ -1,6 +1,11 @@
 """Train SFD: `python launchers/train.py --config configs/sfd_xl.yaml --set data.data_dir=...`.
 
-Single process (CPU or one GPU) for now; the run folder is <train.output_dir>/<train.exp_name>,
+The same command runs on many processes under any of the three launchers (choose the engine
+with --set parallel.engine=ddp|fsdp2|deepspeed):
+  torchrun --nproc_per_node 8 launchers/train.py --config ...
+  deepspeed --num_gpus 8 launchers/train.py --config ...
+  srun --ntasks-per-node 8 python launchers/train.py --config ...
+The run folder is <train.output_dir>/<train.exp_name>,
 and a run resumes from its latest complete checkpoint automatically (train.resume=auto). With
 encoders.texture_vae_checkpoint and train.sample_every set, a sample grid of the EMA model is
 written to <run>/samples/ every sample_every steps.
@@ -8,27 +13,35 @@ written to <run>/samples/ every sample_every steps.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from sfd_scale.config import SFDConfig, load_config
 from sfd_scale.eval.generate import make_preview
 from sfd_scale.logging import get_logger
 from sfd_scale.models.texture_vae import load_texture_vae
+from sfd_scale.parallel.dims import ParallelDims
+from sfd_scale.parallel.distributed import destroy_process_group
 from sfd_scale.train.trainer import Trainer
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run configuration")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set optim.lr=2e-4 (repeatable)")
-    return parser.parse_args()
+    # The deepspeed launcher passes --local_rank=N; it must agree with LOCAL_RANK when both exist.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
     log = get_logger()
     cfg: SFDConfig = load_config(args.config, args.overrides)
+    dims = ParallelDims.from_env(tp=cfg.parallel.tensor_parallel, local_rank_arg=args.local_rank)
+    if not dims.is_main:  # srun sets no RANK, which get_logger reads: quiet the other ranks here
+        log.setLevel(logging.WARNING)
     run_dir = Path(cfg.train.output_dir) / cfg.train.exp_name
     log.info("run folder %s", run_dir)
     preview = None
@@ -36,9 +49,11 @@ def main() -> None:
         vae = load_texture_vae(cfg.encoders.texture_vae_checkpoint, cfg.encoders.texture_vae)
         preview = make_preview(cfg.sample, cfg.diffusion, cfg.data, vae, run_dir / "samples",
                                cfg.model.num_classes)
-    trainer = Trainer(cfg, run_dir, preview=preview)
+    # Every rank gets the preview (it decides whether the EMA is gathered); rank 0 draws it.
+    trainer = Trainer(cfg, run_dir, preview=preview, dims=dims)
     trainer.maybe_resume()
     trainer.fit()
+    destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ _RUN_ID_FILE = "wandb_run_id.txt"
 
 
 def get_rank() -> int:
-    """This process's global rank from the RANK environment variable (0 when unset)."""
-    raw = os.environ.get("RANK", "0")
+    """This process's global rank: RANK (torchrun, deepspeed), else SLURM_PROCID (srun), else 0."""
+    raw = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     try:
         return int(raw)
     except ValueError:
@@ -44,12 +44,28 @@ def get_logger() -> logging.Logger:
     logger = logging.getLogger(PACKAGE_LOGGER)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     if not any(getattr(h, "_sfd_scale_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter(
             f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
         handler._sfd_scale_console = True  # marks our handler so repeated calls do not stack handlers
         logger.addHandler(handler)
     return logger
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record, not the stream it was created
+    with (which a test harness or a notebook may since have closed or replaced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 class MetricsLogger:

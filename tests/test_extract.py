@@ -1,15 +1,22 @@
-"""Extraction of an image folder into shards + stats: content, resume, skipped images."""
+"""Extraction of an image folder into shards + stats: content, resume, skipped images, ranks."""
 from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import traceback
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from sfd_scale.data.extract import SKIPPED_REPORT, extract_folder
+from sfd_scale.data.extract import EMPTY_SHARD_SUFFIX, SKIPPED_REPORT, extract_folder, write_latent_stats
 from sfd_scale.data.images import ImageFolderIndex, hflip, load_image_pm1
-from sfd_scale.data.shards import SHARD_KEYS, read_shard, read_stats, shard_name
+from sfd_scale.data.shards import SHARD_KEYS, read_shard, read_stats, shard_name, validate_shard, write_shard
 
 IMAGE_SIZE = 16
 
@@ -34,6 +41,20 @@ class FakeEncoder:
         }
 
 
+class KillingEncoder(FakeEncoder):
+    """Kills its own process (SIGKILL: no cleanup, like an OOM kill) on call number `kill_at`."""
+
+    def __init__(self, kill_at: int) -> None:
+        super().__init__()
+        self.calls, self.kill_at = 0, kill_at
+
+    def __call__(self, images):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(images)
+
+
 def _image_folder(root, counts=(3, 2, 2)):
     rng = np.random.default_rng(0)
     for c, count in enumerate(counts):
@@ -46,6 +67,39 @@ def _image_folder(root, counts=(3, 2, 2)):
 
 def _shard_bytes(out_dir):
     return {p.name: p.read_bytes() for p in sorted(out_dir.glob("*.safetensors"))}
+
+
+def _all_bytes(out_dir):
+    """Every file of an extraction folder: shards, stats, skipped report, empty markers."""
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _extract_rank(rank, world_size, port, image_root, out_dir):
+    """One rank of a gloo extraction run in a spawned process."""
+    code = 0
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        report = extract_folder(ImageFolderIndex.scan(image_root), out_dir, FakeEncoder(), shard_size=2,
+                                image_size=IMAGE_SIZE, batch_size=2, seed=3, rank=rank, world_size=world_size)
+        # Shard k belongs to rank k % world_size.
+        assert all(int(p.stem[-3:]) % world_size == rank for p in report.shards_written), report
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    os._exit(code)  # gloo teardown at interpreter exit sometimes aborts; the result is decided
+
+
+def _extract_then_die(image_root, out_dir, kill_at):
+    extract_folder(ImageFolderIndex.scan(image_root), out_dir, KillingEncoder(kill_at), shard_size=2,
+                   image_size=IMAGE_SIZE, batch_size=2, seed=3)
 
 
 def test_extract_writes_reference_layout_and_exact_stats(tmp_path):
@@ -177,3 +231,131 @@ def test_digits_demo_folder_extracts_and_loads(tmp_path):
     assert x.shape == (64, 6, 4, 4) and y.shape == (64,) and f.shape == (64, 6, 4, 4)
     # Normalized with the data set's own stats: per-channel mean ~0 and std ~1 over the batch.
     assert x.mean(dim=(0, 2, 3)).abs().max() < 0.5
+
+
+def _with_unreadable(root):
+    """7 good images and a class of 2 unreadable ones: in shards of 2 the last one is empty."""
+    _image_folder(root)
+    (root / "class3").mkdir()
+    (root / "class3" / "broken.png").write_bytes(b"\x89PNG truncated")
+    (root / "class3" / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def test_two_ranks_write_the_same_bytes_as_one(tmp_path):
+    root = _with_unreadable(tmp_path / "images")
+    single = tmp_path / "single"
+    extract_folder(ImageFolderIndex.scan(root), single, FakeEncoder(), shard_size=2, image_size=IMAGE_SIZE,
+                   batch_size=2, seed=3)
+    assert (single / (shard_name(0, 4)[:-len(".safetensors")] + EMPTY_SHARD_SUFFIX)).exists()
+    assert (single / SKIPPED_REPORT).read_text() == "class3/broken.png\nclass3/empty.jpg\n"
+
+    torch.multiprocessing.spawn(_extract_rank, args=(2, _free_port(), str(root), str(tmp_path / "two")),
+                                nprocs=2, join=True)
+    assert _all_bytes(tmp_path / "two") == _all_bytes(single)
+
+
+def test_killed_extraction_resumes_with_identical_output(tmp_path):
+    root = _with_unreadable(tmp_path / "images")
+    reference = tmp_path / "reference"
+    extract_folder(ImageFolderIndex.scan(root), reference, FakeEncoder(), shard_size=2, image_size=IMAGE_SIZE,
+                   batch_size=2, seed=3)
+
+    out = tmp_path / "out"
+    # Calls 1-2 encode shard 0 (stored, flipped); call 4 is in the middle of shard 1.
+    worker = multiprocessing.get_context("spawn").Process(target=_extract_then_die, args=(str(root), str(out), 4))
+    worker.start()
+    worker.join(120)
+    assert worker.exitcode == -signal.SIGKILL
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [shard_name(0, 0)]
+    assert not (out / "latents_stats.pt").exists()
+    # What a kill during a shard write leaves behind is cleaned up, never read as a shard.
+    stale = out / f".{shard_name(0, 1)}.tmp.99999"
+    stale.write_bytes(b"half a shard")
+
+    encoder = FakeEncoder()
+    report = extract_folder(ImageFolderIndex.scan(root), out, encoder, shard_size=2, image_size=IMAGE_SIZE,
+                            batch_size=2, seed=3)
+    assert [p.name for p in report.shards_reused] == [shard_name(0, 0)]
+    assert encoder.images_seen == 2 * 5  # the 5 readable images of shards 1-3, stored and flipped
+    assert not stale.exists()
+    assert _all_bytes(out) == _all_bytes(reference)
+
+
+def test_stats_from_shard_headers_equal_stats_from_arrays(tmp_path):
+    index = _image_folder(tmp_path / "images")
+    out = tmp_path / "latents"
+    extract_folder(index, out, FakeEncoder(), shard_size=3, image_size=IMAGE_SIZE, batch_size=2)
+    header_stats = validate_shard(out / shard_name(0, 1)).metadata["stats"]["latents_sv"]
+    assert header_stats["count"] == 3 * 4 * 4 and len(header_stats["mean"]) == 2  # 3 samples of 4x4
+    from_headers = {key: read_stats(out, key) for key in ("latents", "latents_sv")}
+    # Shards without our header statistics (e.g. downloaded ones) are read instead.
+    for path in sorted(out.glob("*.safetensors")):
+        write_shard(path, read_shard(path))
+    write_latent_stats(out)
+    for key, (mean, std) in from_headers.items():
+        again = read_stats(out, key)
+        torch.testing.assert_close(again[0], mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(again[1], std, rtol=1e-6, atol=0)
+
+
+def test_distributed_settings_are_checked(tmp_path):
+    index = _image_folder(tmp_path / "images", counts=(1,))
+    with pytest.raises(ValueError, match="rank=2 world_size=2"):
+        extract_folder(index, tmp_path / "out", FakeEncoder(), shard_size=2, image_size=IMAGE_SIZE, rank=2,
+                       world_size=2)
+    with pytest.raises(ValueError, match="needs an initialized torch.distributed process group"):
+        extract_folder(index, tmp_path / "out", FakeEncoder(), shard_size=2, image_size=IMAGE_SIZE, rank=1,
+                       world_size=2)
+
+
+def test_launcher_under_torchrun_matches_the_library_on_one_rank(tmp_path):
+    """launchers/extract.py with tiny real encoders, 2 ranks under torchrun, equals one in-process rank."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from fixtures import tiny_sfd_config
+
+    from sfd_scale.config import load_config, to_dict
+    from sfd_scale.data.encoders import composite_encode_fn, load_encoders
+    from sfd_scale.models.dinov2 import DinoConfig, DinoViT
+    from sfd_scale.models.semantic_vae import SemanticVAE, SemanticVAEConfig
+    from sfd_scale.models.texture_vae import AutoencoderKL, TextureVAEConfig
+    from sfd_scale.models.weights import save_weights
+
+    root = _with_unreadable(tmp_path / "images")
+    # 16x16 images: a f4 VAE and a patch-4 ViT both give 4x4 grids.
+    vae_cfg = TextureVAEConfig(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
+                               embed_dim=4, resolution=IMAGE_SIZE)
+    dino_cfg = DinoConfig(embed_dim=16, depth=1, num_heads=2, patch_size=4, num_register_tokens=4, pos_grid=4,
+                          input_size=IMAGE_SIZE)
+    sem_cfg = SemanticVAEConfig(feat_dim=16, latent_channels=2, width=16, depth=1, num_heads=2, grid=4)
+    torch.manual_seed(0)
+    for name, model in (("vae", AutoencoderKL(vae_cfg)), ("dino", DinoViT(dino_cfg)), ("sem", SemanticVAE(sem_cfg))):
+        save_weights(tmp_path / f"{name}.safetensors", model.state_dict())
+    cfg = to_dict(tiny_sfd_config(tmp_path / "launched"))
+    cfg["encoders"] = {"texture_vae_checkpoint": str(tmp_path / "vae.safetensors"), "texture_vae": to_dict(vae_cfg),
+                       "dino_checkpoint": str(tmp_path / "dino.safetensors"), "dino": to_dict(dino_cfg),
+                       "semvae_checkpoint": str(tmp_path / "sem.safetensors"), "semvae": to_dict(sem_cfg)}
+    config = tmp_path / "extract.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    repo = Path(__file__).resolve().parents[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]
+    done = subprocess.run([*torchrun, "launchers/extract.py", "--config", str(config), "--images", str(root),
+                           "--image-size", str(IMAGE_SIZE), "--shard-size", "2", "--batch-size", "2",
+                           "--decoder", "pil"],
+                          cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "image decoding: pil on cpu" in done.stderr
+
+    loaded = load_config(config)
+    encode = composite_encode_fn(*load_encoders(loaded.encoders, torch.device("cpu")))
+    extract_folder(ImageFolderIndex.scan(root), tmp_path / "library", encode, shard_size=2, image_size=IMAGE_SIZE,
+                   batch_size=2, seed=loaded.train.seed)
+    assert _all_bytes(tmp_path / "launched") == _all_bytes(tmp_path / "library")
+    assert validate_shard(tmp_path / "launched" / shard_name(0, 0)).shapes["latents_sv"] == (2, 2, 4, 4)

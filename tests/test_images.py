@@ -8,11 +8,15 @@ from PIL import Image
 
 from sfd_scale.data.images import (
     ImageFolderIndex,
+    PilDecoder,
     center_crop_arr,
+    decode_with_pil,
     hflip,
     load_image_pm1,
     load_rgb,
+    select_decoder,
     to_tensor_pm1,
+    uint8_to_pm1,
 )
 
 
@@ -146,3 +150,41 @@ def test_image_folder_index_errors_name_the_root(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(FileNotFoundError, match=r"\['b'\]"):
         ImageFolderIndex.scan(tmp_path)
+
+
+def test_uint8_batches_convert_exactly_like_single_images():
+    images = [_noise_image(5, 4, seed=k) for k in range(3)]
+    batch = torch.from_numpy(np.stack([np.asarray(im) for im in images]))  # (3, 4, 5, 3) uint8
+    converted = uint8_to_pm1(batch)
+    assert converted.shape == (3, 3, 4, 5)
+    for k, image in enumerate(images):
+        assert torch.equal(converted[k], to_tensor_pm1(image))
+
+
+def test_pil_decoder_reports_failures_by_position(tmp_path):
+    _noise_image(30, 20, seed=1).save(tmp_path / "a.png")
+    Image.fromarray(np.full((25, 40), 90, dtype=np.uint8)).save(tmp_path / "grey.jpg")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really")
+    paths = [tmp_path / "a.png", tmp_path / "bad.jpg", tmp_path / "grey.jpg", tmp_path / "gone.png"]
+    for decoder in (PilDecoder(16), PilDecoder(16, num_workers=2)):
+        batch = decoder.decode(paths)
+        decoder.close()
+        assert sorted(batch.failures) == [1, 3]
+        assert "bad.jpg" in batch.failures[1] and "gone.png" in batch.failures[3]
+        assert batch.images.shape == (2, 3, 16, 16)
+        assert torch.equal(batch.images[0], load_image_pm1(paths[0], 16))
+        assert torch.equal(batch.images[1], load_image_pm1(paths[2], 16))
+    nothing = decode_with_pil([tmp_path / "bad.jpg"], 8)
+    assert nothing.images.shape == (0, 3, 8, 8) and list(nothing.failures) == [0]
+
+
+def test_select_decoder_falls_back_to_pil_without_a_gpu():
+    decoder = select_decoder("auto", 16, 4, "cpu", num_workers=0)
+    assert isinstance(decoder, PilDecoder) and decoder.device == torch.device("cpu")
+    assert isinstance(select_decoder("pil", 16, 4, "cpu"), PilDecoder)
+    with pytest.raises(ValueError, match="'dali' decodes on a GPU"):
+        select_decoder("dali", 16, 4, "cpu")
+    with pytest.raises(ValueError, match=r"'turbo' is not one of \('auto', 'pil', 'dali', 'dali-cpu'\)"):
+        select_decoder("turbo", 16, 4, "cpu")
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        PilDecoder(16, num_workers=-1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sfd_scale.data.loader import LatentShardDataset, ShardLoader
-from sfd_scale.data.shards import shard_name, write_shard, write_stats
+from sfd_scale.data.shards import read_shard, read_stats, shard_name, write_shard, write_stats
 
 C_TEX, C_SEM, C_DINO, HW = 3, 2, 5, 2
 
@@ -203,3 +203,101 @@ def test_load_state_dict_refuses_other_data_settings(dataset):
         ShardLoader(dataset, batch_size=4, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="num_samples=99"):
         ShardLoader(dataset, batch_size=4, seed=1).load_state_dict({**state, "num_samples": 99})
+
+
+def _reference_gather(root, indices, flips, sizes=(7, 5)):
+    """Sample by sample from whole-shard reads, normalized as the reference dataset does."""
+    shards = [read_shard(root / shard_name(0, k)) for k in range(len(sizes))]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    t_mean, t_std = read_stats(root, "latents")
+    s_mean, s_std = read_stats(root, "latents_sv")
+    xs, ys, fs = [], [], []
+    for i, flipped in zip(indices, flips):
+        k = max(j for j, st in enumerate(starts) if st <= i)
+        row, suffix = i - starts[k], "_flip" if flipped else ""
+        tex = (shards[k]["latents" + suffix][row:row + 1] - t_mean) / t_std
+        sem = (shards[k]["latents_sv" + suffix][row:row + 1] - s_mean) / s_std
+        xs.append(torch.cat([tex, sem], dim=1)[0])
+        ys.append(shards[k]["labels"][row])
+        fs.append(shards[k]["feats_dino" + suffix][row].float())
+    return torch.stack(xs), torch.stack(ys), torch.stack(fs)
+
+
+def test_gather_equals_per_sample_reads_for_runs_duplicates_and_both_copies(tmp_path):
+    root = _write_folder(tmp_path / "lat", stats=((3.0, 2.0), (-1.0, 0.5)))
+    ds = LatentShardDataset(root)
+    # Runs (4,5,6 across the shard end at 7, then 7,8), a duplicate, and both copies mixed.
+    indices = [5, 4, 6, 8, 7, 4, 11, 0, 1]
+    flips = [False, False, True, False, False, False, True, True, True]
+    got = ds.gather(torch.tensor(indices), torch.tensor(flips))
+    for a, b in zip(got, _reference_gather(root, indices, flips)):
+        assert torch.equal(a, b)
+
+
+def test_other_stored_dtypes_are_widened(tmp_path):
+    root = _write_folder(tmp_path / "lat")
+    for k in range(2):
+        path = root / shard_name(0, k)
+        arrays = read_shard(path)
+        for key in ("latents", "latents_flip"):
+            arrays[key] = arrays[key].to(torch.bfloat16)
+        for key in ("feats_dino", "feats_dino_flip"):
+            arrays[key] = arrays[key].float()
+        write_shard(path, arrays)
+    ds = LatentShardDataset(root)
+    x, _, f = ds.gather(torch.tensor([9, 3]), torch.tensor([True, False]))
+    ref = _reference_gather(root, [9, 3], [True, False])
+    assert torch.equal(x, ref[0]) and torch.equal(f, ref[2]) and f.dtype == torch.float32
+
+
+def test_prefetching_threads_deliver_the_same_batches(dataset):
+    plain = [b for b in ShardLoader(dataset, batch_size=2, seed=5, prefetch=0)]
+    threaded = [b for b in ShardLoader(dataset, batch_size=2, seed=5, prefetch=3, num_threads=2)]
+    assert len(plain) == len(threaded) == 6
+    for a, b in zip(plain, threaded):
+        for ta, tb in zip(a, b):
+            assert torch.equal(ta, tb)
+
+
+def test_host_buffers_are_reused_only_when_released(dataset):
+    loader = ShardLoader(dataset, batch_size=2, seed=1, prefetch=1)  # a ring of 3 buffer sets
+    released = set()
+    for _ in range(3):
+        for x, _, _ in loader:
+            released.add(x.data_ptr())
+    assert len(released) <= 3  # 18 batches through the same few buffers
+
+    expected = [tuple(t.clone() for t in b) for b in ShardLoader(dataset, batch_size=2, seed=1, prefetch=0)]
+    held = list(ShardLoader(dataset, batch_size=2, seed=1, prefetch=1))
+    assert len({b[0].data_ptr() for b in held}) == len(held) == 6
+    for got, want in zip(held, expected):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    # Keeping only a view of one tensor of the first batch still protects that batch.
+    batches = iter(ShardLoader(dataset, batch_size=2, seed=1, prefetch=1))
+    view_of_first = next(batches)[2][1:]
+    for _ in batches:
+        pass
+    assert torch.equal(view_of_first, expected[0][2][1:])
+
+
+def test_float16_features_for_device_side_widening(dataset):
+    x16, y16, f16 = next(iter(ShardLoader(dataset, batch_size=4, seed=2, feats_dtype=torch.float16)))
+    x32, y32, f32 = next(iter(ShardLoader(dataset, batch_size=4, seed=2)))
+    assert f16.dtype == torch.float16 and torch.equal(f16.float(), f32)
+    assert torch.equal(x16, x32) and torch.equal(y16, y32)
+
+
+def test_shard_truncated_after_opening_is_named(tmp_path):
+    root = _write_folder(tmp_path / "lat")
+    ds = LatentShardDataset(root)
+    path = root / shard_name(0, 1)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"shard .*shard001.safetensors ended before byte"):
+        ds.gather(torch.tensor([11]), torch.tensor([True]))
+    with pytest.raises(ValueError, match="do not fit a host batch of 2 rows"):
+        ds.gather_into(ds.new_host_batch(2), torch.tensor([1, 2, 3]), torch.tensor([False] * 3))
+    with pytest.raises(ValueError, match=r"sample indices must lie in \[0, 12\)"):
+        ds.gather(torch.tensor([12]), torch.tensor([False]))
+    ds.close()
+    ds.close()  # idempotent

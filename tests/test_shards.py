@@ -185,3 +185,29 @@ def test_stats_errors_name_the_file(tmp_path):
     torch.save({"mean": torch.zeros(3), "std": torch.ones(3)}, stats_path(tmp_path, "latents"))
     with pytest.raises(ValueError, match=r"latents_stats.pt.*\(1, C, 1, 1\)"):
         read_stats(tmp_path, "latents")
+
+
+def test_running_stats_survive_json_exactly():
+    import json
+
+    s = RunningStats(3)
+    s.update(torch.randn(7, 3, 2, 2, generator=torch.Generator().manual_seed(4)) * 3 + 1)
+    back = RunningStats.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert back.count == s.count == 28
+    assert torch.equal(back.mean, s.mean) and torch.equal(back.m2, s.m2)  # bit-exact float64
+    with pytest.raises(ValueError, match="shard x.safetensors: not a RunningStats state"):
+        RunningStats.from_dict({"count": 2, "mean": [0.0]}, "shard x.safetensors")
+
+
+def test_shard_info_locates_every_sample_row(tmp_path):
+    arrays = _arrays(n=3)
+    path = tmp_path / "rows.safetensors"
+    write_shard(path, arrays)
+    info = validate_shard(path)
+    data = path.read_bytes()
+    for key in SHARD_KEYS:
+        row = info.row_bytes(key)
+        assert info.torch_dtype(key) == arrays[key].dtype
+        for i in range(3):
+            start = info.offsets[key] + i * row
+            assert data[start:start + row] == arrays[key][i].contiguous().numpy().tobytes(), (key, i)

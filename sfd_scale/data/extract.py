@@ -5,25 +5,37 @@ The encoders (texture VAE, DINOv2, SemVAE) are built elsewhere and passed in as 
 images, batches them, and writes files. Each image is encoded as stored and horizontally
 flipped (the reference stores both). Shard k holds images [k * shard_size, (k + 1) * shard_size)
 of the folder index, minus unreadable ones, which are skipped, logged and listed in
-`skipped.txt`. Runs are resumable: a shard whose file exists and validates is kept, and each
-shard's random state (e.g. `posterior.sample()`) is seeded from (seed, shard index), so a
-re-created shard has the same bytes as in an uninterrupted run.
+`skipped.txt`.
+
+Distributed: rank r of w writes the shards k with k % w == r, each under a temporary name
+renamed when complete. Shard names, contents and random draws depend only on (seed, k), never
+on the rank count, so any number of ranks writes the same bytes as one. Runs are resumable: a
+shard whose file exists and validates is kept. Each shard's header carries the exact
+per-channel partial statistics of its latents (count, mean, sum of squared deviations); after
+all shards exist, rank 0 merges them in shard order into `latents_stats.pt` and
+`latents_sv_stats.pt` (exact mean and unbiased std) and writes `skipped.txt`. A shard none
+of whose images can be read leaves a small `<shard>.empty.json` marker instead (a shard file
+needs at least the array shapes), so its skipped files are still reported and resume skips it.
 """
 from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import logging
 import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .images import ImageFolderIndex, hflip, load_image_pm1
+from sfd_scale.atomic import atomic_write_bytes
+
+from .images import DecodedBatch, ImageDecoder, ImageFolderIndex, PilDecoder, hflip
 from .shards import (
     FEATURE_KEYS,
     FLIP_SUFFIX,
@@ -32,7 +44,6 @@ from .shards import (
     STATS_KEYS,
     RunningStats,
     as_torch,
-    atomic_write_bytes,
     list_shards,
     open_shard_arrays,
     shard_name,
@@ -45,12 +56,17 @@ logger = logging.getLogger(__name__)
 
 EncodeFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 SKIPPED_REPORT = "skipped.txt"
+EMPTY_SHARD_SUFFIX = ".empty.json"
+STATS_METADATA_KEY = "stats"
+# Ranks wait for the slowest one before the statistics: on a resumed run one rank may have
+# all its shards while another encodes for hours.
+BARRIER_TIMEOUT = timedelta(days=7)
 _STATS_CHUNK = 1024  # samples per float64 stats update: bounds memory on 10k-sample shards
 
 
 @dataclass
 class ExtractionReport:
-    """What one `extract_folder` call did."""
+    """What one `extract_folder` call did on this rank."""
 
     num_images: int
     num_encoded: int = 0
@@ -69,8 +85,11 @@ def extract_folder(
     *,
     seed: int = 0,
     num_workers: int = 0,
+    decoder: ImageDecoder | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ExtractionReport:
-    """Write every shard of `index` that is not already complete, then the statistics.
+    """Write this rank's shards of `index` that are not already complete, then the statistics.
 
     Args:
         index: the images and labels, in order.
@@ -81,7 +100,10 @@ def extract_folder(
         image_size: ADM center-crop size.
         batch_size: images per `encode_fn` call (the flipped copies go in a second call).
         seed: seeds torch's global RNG per shard, for stochastic encoders.
-        num_workers: threads decoding images ahead of the encoder (0 decodes inline).
+        num_workers: PIL decoding threads when no `decoder` is given (0 decodes inline).
+        decoder: batch image decoder (see `images.select_decoder`); PIL by default.
+        rank, world_size: this process's place; with world_size > 1 a torch.distributed
+            process group must be initialized (only barriers are used, any backend).
 
     Statistics are exact per-channel mean and unbiased std over all non-flipped samples of
     every shard in `out_dir`; the reference instead estimates them from a random subset of up
@@ -90,68 +112,137 @@ def extract_folder(
     for name, value in (("shard_size", shard_size), ("image_size", image_size), ("batch_size", batch_size)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+    if world_size > 1 and not torch.distributed.is_initialized():
+        raise ValueError(f"extraction with world_size={world_size} needs an initialized torch.distributed "
+                         "process group (the launcher starts one under torchrun or srun)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = ExtractionReport(num_images=len(index))
-    pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
+    own_decoder = decoder is None
+    if decoder is None:
+        decoder = PilDecoder(image_size, num_workers)
     try:
-        for shard in range(math.ceil(len(index) / shard_size)):
-            members = index.samples[shard * shard_size:(shard + 1) * shard_size]
-            expected = {
-                "image_size": image_size,
-                "shard_size": shard_size,
-                "seed": seed,
-                "sources_sha256": _sources_digest(index, members),
-            }
-            path = out_dir / shard_name(0, shard)
-            reused = _reuse(path, expected, len(members))
-            if reused is not None:
-                report.shards_reused.append(path)
-                report.skipped.extend(reused)
-                continue
-            torch.manual_seed(_shard_seed(seed, shard))
-            arrays, skipped = _encode_members(index, members, encode_fn, image_size, batch_size, pool)
-            report.skipped.extend(skipped)
-            if arrays is None:
-                logger.warning("shard %s: no readable image among %d, not written", path.name, len(members))
-                continue
-            write_shard(path, arrays, {**expected, "total_size": len(arrays[LABEL_KEY]), "skipped": skipped})
-            report.shards_written.append(path)
-            report.num_encoded += len(arrays[LABEL_KEY])
-            logger.info("wrote %s (%d samples, %d skipped)", path.name, len(arrays[LABEL_KEY]), len(skipped))
+        for shard in range(rank, math.ceil(len(index) / shard_size), world_size):
+            _extract_shard(index, out_dir, shard, encode_fn, decoder, shard_size, image_size, batch_size,
+                           seed, report)
     finally:
-        if pool is not None:
-            pool.shutdown()
-    atomic_write_bytes(out_dir / SKIPPED_REPORT, "".join(f"{s}\n" for s in report.skipped).encode())
-    if report.skipped:
-        logger.warning("skipped %d unreadable images, listed in %s",
-                       len(report.skipped), out_dir / SKIPPED_REPORT)
-    write_latent_stats(out_dir)
+        if own_decoder:
+            decoder.close()
+    if world_size > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        finalize_extraction(out_dir)
+    if world_size > 1:
+        torch.distributed.barrier()  # nobody returns before the statistics exist
     return report
 
 
+def _extract_shard(index: ImageFolderIndex, out_dir: Path, shard: int, encode_fn: EncodeFn,
+                   decoder: ImageDecoder, shard_size: int, image_size: int, batch_size: int, seed: int,
+                   report: ExtractionReport) -> None:
+    members = index.samples[shard * shard_size:(shard + 1) * shard_size]
+    expected = {
+        "image_size": image_size,
+        "shard_size": shard_size,
+        "seed": seed,
+        "sources_sha256": _sources_digest(index, members),
+    }
+    path = out_dir / shard_name(0, shard)
+    reused = _reuse(path, expected, len(members))
+    if reused is not None:
+        report.shards_reused.append(path)
+        report.skipped.extend(reused)
+        return
+    _remove_stale_temporaries(path)
+    torch.manual_seed(_shard_seed(seed, shard))
+    arrays, skipped = _encode_members(index, members, encode_fn, decoder, batch_size)
+    report.skipped.extend(skipped)
+    if arrays is None:
+        logger.warning("shard %s: no readable image among %d, marked empty", path.name, len(members))
+        marker = {**expected, "skipped": skipped}
+        atomic_write_bytes(_empty_marker(path), json.dumps(marker, sort_keys=True).encode())
+        return
+    stats = {key: _array_stats(arrays[key]).to_dict() for key in STATS_KEYS}
+    write_shard(path, arrays, {**expected, "total_size": len(arrays[LABEL_KEY]), "skipped": skipped,
+                               STATS_METADATA_KEY: stats})
+    report.shards_written.append(path)
+    report.num_encoded += len(arrays[LABEL_KEY])
+    logger.info("wrote %s (%d samples, %d skipped)", path.name, len(arrays[LABEL_KEY]), len(skipped))
+
+
+def finalize_extraction(data_dir: str | os.PathLike) -> None:
+    """Statistics files and `skipped.txt` from every shard of `data_dir`, in shard order."""
+    data_dir = Path(data_dir)
+    per_shard = {info.path.name[:-len(".safetensors")]: info.metadata.get("skipped", [])
+                 for info in map(validate_shard, list_shards(data_dir))}
+    for marker in data_dir.glob("*" + EMPTY_SHARD_SUFFIX):
+        per_shard[marker.name[:-len(EMPTY_SHARD_SUFFIX)]] = _read_marker(marker).get("skipped", [])
+    skipped = [name for stem in sorted(per_shard) for name in per_shard[stem]]
+    atomic_write_bytes(Path(data_dir) / SKIPPED_REPORT, "".join(f"{s}\n" for s in skipped).encode())
+    if skipped:
+        logger.warning("skipped %d unreadable images, listed in %s", len(skipped), Path(data_dir) / SKIPPED_REPORT)
+    write_latent_stats(data_dir)
+
+
 def write_latent_stats(data_dir: str | os.PathLike) -> None:
-    """Compute exact stats of `latents` and `latents_sv` over all shards and write the files."""
+    """Exact stats of `latents` and `latents_sv` over all shards; the partial stats stored in
+    our shards' headers are used, other shards (e.g. downloaded ones) are read."""
     infos = [validate_shard(path) for path in list_shards(data_dir)]
     for key in STATS_KEYS:
-        stats = RunningStats(infos[0].channels(key))
+        total = RunningStats(infos[0].channels(key))
         for info in infos:
-            if info.channels(key) != stats.num_channels:
+            if info.channels(key) != total.num_channels:
                 raise ValueError(
                     f"shard {info.path}: '{key}' has {info.channels(key)} channels, "
-                    f"{infos[0].path.name} has {stats.num_channels}"
+                    f"{infos[0].path.name} has {total.num_channels}"
                 )
-            array = open_shard_arrays(info.path, [key])[key]
-            for start in range(0, info.num_samples, _STATS_CHUNK):
-                stats.update(as_torch(array[start:start + _STATS_CHUNK], info.dtypes[key]))
-        write_stats(data_dir, key, stats.mean, stats.std())
-        logger.info("wrote %s stats over %d values per channel", key, stats.count)
+            stored = info.metadata.get(STATS_METADATA_KEY, {}).get(key)
+            if stored is not None:
+                part = RunningStats.from_dict(stored, f"shard {info.path} stats for '{key}'")
+            else:
+                array = open_shard_arrays(info.path, [key])[key]
+                part = _array_stats(as_torch(array, info.dtypes[key]))
+            total.merge(part)
+        write_stats(data_dir, key, total.mean, total.std())
+        logger.info("wrote %s stats over %d values per channel", key, total.count)
+
+
+def _array_stats(values: torch.Tensor) -> RunningStats:
+    stats = RunningStats(values.shape[1])
+    for start in range(0, values.shape[0], _STATS_CHUNK):
+        stats.update(values[start:start + _STATS_CHUNK])
+    return stats
+
+
+def _empty_marker(path: Path) -> Path:
+    return path.with_name(path.name[:-len(".safetensors")] + EMPTY_SHARD_SUFFIX)
+
+
+def _read_marker(marker: Path) -> dict:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"empty-shard marker {marker} is unreadable ({exc}); delete it to redo the shard") from exc
+
+
+def _check_settings(where: Path, meta: Mapping, expected: Mapping) -> None:
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise ValueError(
+                f"shard {where} was written with {key}={meta.get(key)!r} but this run has {value!r}; "
+                f"extract into a fresh folder or delete the old shards"
+            )
 
 
 def _reuse(path: Path, expected: dict, num_members: int) -> list[str] | None:
     """Skipped-file list of an existing complete shard, or None when it must be (re)written."""
+    marker = _empty_marker(path)
+    if marker.exists() and not path.exists():
+        meta = _read_marker(marker)
+        _check_settings(marker, meta, expected)
+        return list(meta.get("skipped", []))
     if not path.exists():
         return None
     try:
@@ -160,12 +251,7 @@ def _reuse(path: Path, expected: dict, num_members: int) -> list[str] | None:
         logger.warning("re-creating invalid shard: %s", exc)
         return None
     meta = info.metadata
-    for key, value in expected.items():
-        if meta.get(key) != value:
-            raise ValueError(
-                f"shard {path} was written with {key}={meta.get(key)!r} but this run has {value!r}; "
-                f"extract into a fresh folder or delete the old shards"
-            )
+    _check_settings(path, meta, expected)
     skipped = list(meta.get("skipped", []))
     if info.num_samples + len(skipped) != num_members:
         logger.warning("re-creating %s: %d samples + %d skipped != %d images",
@@ -174,29 +260,34 @@ def _reuse(path: Path, expected: dict, num_members: int) -> list[str] | None:
     return skipped
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files a killed writer of this shard left behind (atomic_write_bytes names)."""
+    for stale in path.parent.glob(f".{path.name}.tmp.*"):
+        logger.info("removing %s left by an interrupted run", stale.name)
+        stale.unlink(missing_ok=True)
+
+
 def _encode_members(
     index: ImageFolderIndex,
     members: Sequence[tuple[Path, int]],
     encode_fn: EncodeFn,
-    image_size: int,
+    decoder: ImageDecoder,
     batch_size: int,
-    pool: ThreadPoolExecutor | None,
 ) -> tuple[dict[str, torch.Tensor] | None, list[str]]:
     """Encode one shard's images; returns (shard arrays or None if none readable, skipped)."""
     parts: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
     skipped: list[str] = []
-    for chunk, loaded in _decoded_batches(members, image_size, batch_size, pool):
-        images, labels = [], []
-        for (path, label), item in zip(chunk, loaded):
-            if isinstance(item, Exception):
-                logger.warning("skipping %s", item)
+    for chunk, decoded in _decoded_batches(members, decoder, batch_size):
+        labels = []
+        for i, (path, label) in enumerate(chunk):
+            if i in decoded.failures:
+                logger.warning("skipping %s", decoded.failures[i])
                 skipped.append(index.relative(path))
             else:
-                images.append(item)
                 labels.append(label)
-        if not images:
+        if not labels:
             continue
-        x = torch.stack(images)
+        x = decoded.images
         for suffix, batch in (("", x), (FLIP_SUFFIX, hflip(x))):
             for key, value in _checked_encode(encode_fn, batch).items():
                 parts[key + suffix].append(value)
@@ -207,28 +298,18 @@ def _encode_members(
 
 
 def _decoded_batches(
-    members: Sequence[tuple[Path, int]], image_size: int, batch_size: int, pool: ThreadPoolExecutor | None
-) -> Iterator[tuple[Sequence[tuple[Path, int]], list[torch.Tensor | Exception]]]:
-    """Yield (chunk, decoded images or the exception per file), one batch at a time; with a
-    pool the next batch decodes while the caller encodes this one."""
+    members: Sequence[tuple[Path, int]], decoder: ImageDecoder, batch_size: int
+) -> Iterator[tuple[Sequence[tuple[Path, int]], DecodedBatch]]:
+    """Yield (chunk, decoded chunk); the next chunk decodes on a helper thread while the
+    caller encodes this one."""
     chunks = [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
-    if pool is None:
-        for chunk in chunks:
-            yield chunk, [_try_load(p, image_size) for p, _ in chunk]
-        return
-    in_flight: collections.deque[list[Future]] = collections.deque()
-    for i, chunk in enumerate(chunks):
-        while len(in_flight) < 2 and i + len(in_flight) < len(chunks):
-            ahead = chunks[i + len(in_flight)]
-            in_flight.append([pool.submit(_try_load, p, image_size) for p, _ in ahead])
-        yield chunk, [f.result() for f in in_flight.popleft()]
-
-
-def _try_load(path: Path, image_size: int) -> torch.Tensor | Exception:
-    try:
-        return load_image_pm1(path, image_size)
-    except (ValueError, OSError) as exc:  # unreadable or vanished file: skip, never crash
-        return exc
+    with ThreadPoolExecutor(1, "decode-ahead") as ahead:
+        pending: Future | None = None
+        for i, chunk in enumerate(chunks):
+            current = pending.result() if pending is not None else decoder.decode([p for p, _ in chunk])
+            pending = (ahead.submit(decoder.decode, [p for p, _ in chunks[i + 1]])
+                       if i + 1 < len(chunks) else None)
+            yield chunk, current
 
 
 def _checked_encode(encode_fn: EncodeFn, images: torch.Tensor) -> dict[str, torch.Tensor]:

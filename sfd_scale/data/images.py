@@ -5,16 +5,27 @@ bicubic resize, center crop) -> `to_tensor_pm1` ((3, H, W) float32 in [-1, 1]). 
 stored beside each latent is the horizontal flip of the cropped image (`hflip`).
 `ImageFolderIndex` lists `root/<class>/...` images with the labels torchvision's ImageFolder
 would give them, so our labels match the published ImageNet latents.
+
+Batches of files are decoded by an `ImageDecoder`: `PilDecoder` (the reference path, threads)
+or `dali_pipeline.DaliDecoder` (NVIDIA DALI on the GPU, or DALI's CPU-only mode).
+`select_decoder` is the one place that chooses between them, and logs the choice.
 """
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DECODER_BACKENDS = ("auto", "pil", "dali", "dali-cpu")
 
 # torchvision's IMG_EXTENSIONS: the files ImageFolder would pick up (matched case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -67,6 +78,13 @@ def to_tensor_pm1(img: Image.Image) -> torch.Tensor:
     return x.sub_(0.5).div_(0.5)
 
 
+def uint8_to_pm1(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1], the same operations as
+    `to_tensor_pm1`, so equal crops give bit-equal tensors on any device."""
+    x = images.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+    return x.sub_(0.5).div_(0.5)
+
+
 def hflip(images: torch.Tensor) -> torch.Tensor:
     """Horizontal flip of (..., H, W) images; equals PIL's FLIP_LEFT_RIGHT of the crop."""
     return torch.flip(images, dims=(-1,))
@@ -75,6 +93,98 @@ def hflip(images: torch.Tensor) -> torch.Tensor:
 def load_image_pm1(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     """File -> (3, image_size, image_size) float32 in [-1, 1] (load, ADM crop, normalize)."""
     return to_tensor_pm1(center_crop_arr(load_rgb(path), image_size))
+
+
+@dataclass
+class DecodedBatch:
+    """The decodable files of a request, in request order, and why the others were skipped."""
+
+    images: torch.Tensor  # (n_ok, 3, S, S) float32 in [-1, 1], on the decoder's device
+    failures: dict[int, str] = field(default_factory=dict)  # request position -> reason
+
+
+class ImageDecoder(Protocol):
+    """Decodes batches of image files into ADM center crops."""
+
+    name: str
+    device: torch.device
+
+    def decode(self, paths: Sequence[str | os.PathLike]) -> DecodedBatch: ...
+
+    def close(self) -> None: ...
+
+
+def decode_with_pil(paths: Sequence[str | os.PathLike], image_size: int,
+                    pool: Executor | None = None) -> DecodedBatch:
+    """PIL path for a batch: unreadable files become failures (named), never exceptions."""
+    loaded = list(pool.map(_try_load, paths, [image_size] * len(paths)) if pool is not None
+                  else (_try_load(p, image_size) for p in paths))
+    failures = {i: str(item) for i, item in enumerate(loaded) if isinstance(item, Exception)}
+    images = [item for item in loaded if not isinstance(item, Exception)]
+    stacked = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size)
+    return DecodedBatch(stacked, failures)
+
+
+def _try_load(path: str | os.PathLike, image_size: int) -> torch.Tensor | Exception:
+    try:
+        return load_image_pm1(path, image_size)
+    except (ValueError, OSError) as exc:  # unreadable or vanished file: skip, never crash
+        return exc
+
+
+class PilDecoder:
+    """The reference decoding (Pillow), `num_workers` threads per batch (0: inline)."""
+
+    name = "pil"
+    device = torch.device("cpu")
+
+    def __init__(self, image_size: int, num_workers: int = 0) -> None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.image_size = image_size
+        self._pool = ThreadPoolExecutor(num_workers, "pil-decode") if num_workers else None
+
+    def decode(self, paths: Sequence[str | os.PathLike]) -> DecodedBatch:
+        return decode_with_pil(paths, self.image_size, self._pool)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def select_decoder(backend: str, image_size: int, batch_size: int, device: torch.device | str = "cpu",
+                   num_workers: int = 4) -> ImageDecoder:
+    """The one dispatch point for image decoding; logs what it chose and why.
+
+    backend: 'pil'; 'dali' (GPU decoding on `device`, which must be CUDA); 'dali-cpu' (DALI
+    without a GPU); 'auto' = 'dali' when DALI is installed and `device` is CUDA, else 'pil'
+    (the PIL path is bit-exact with the reference preprocessing, DALI's CPU mode is not).
+    """
+    from .dali_pipeline import DaliDecoder, dali_import_error
+
+    if backend not in DECODER_BACKENDS:
+        raise ValueError(f"image decoder backend {backend!r} is not one of {DECODER_BACKENDS}")
+    device = torch.device(device)
+    if backend == "auto":
+        missing = dali_import_error()
+        backend = "dali" if device.type == "cuda" and missing is None else "pil"
+        why = "DALI and a CUDA device" if backend == "dali" else (
+            f"no CUDA device ({device})" if device.type != "cuda" else f"DALI missing: {missing}")
+        logger.info("image decoder auto -> %s (%s)", backend, why)
+    if backend == "dali" and device.type != "cuda":
+        raise ValueError(f"image decoder 'dali' decodes on a GPU, but the device is {device}; "
+                         "use 'dali-cpu' or 'pil'")
+    if backend == "pil":
+        decoder: ImageDecoder = PilDecoder(image_size, num_workers)
+    else:
+        device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if backend == "dali" else None
+        decoder = DaliDecoder(image_size, batch_size, device_id=device_id, num_threads=max(1, num_workers))
+    logger.info("image decoding: %s on %s, %dx%d ADM center crops", decoder.name, decoder.device,
+                image_size, image_size)
+    return decoder
 
 
 @dataclass(frozen=True)

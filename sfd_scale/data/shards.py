@@ -103,12 +103,20 @@ class ShardInfo:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)  # absolute file offset of each array
 
     def channels(self, key: str) -> int:
         return self.shapes[key][1]
 
     def spatial(self, key: str) -> tuple[int, int]:
         return self.shapes[key][2], self.shapes[key][3]
+
+    def torch_dtype(self, key: str) -> torch.dtype:
+        return _ST_DTYPES[self.dtypes[key]][1]
+
+    def row_bytes(self, key: str) -> int:
+        """Bytes of one sample of `key` (arrays are row-major, so a sample is one run)."""
+        return math.prod(self.shapes[key][1:]) * _ST_DTYPES[self.dtypes[key]][0].itemsize
 
 
 def check_layout(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str], where: str) -> int:
@@ -225,14 +233,16 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
 def validate_shard(path: str | os.PathLike) -> ShardInfo:
     """Check a shard's header (keys, shapes, dtypes, sizes) without reading its data."""
     path = Path(path)
-    header, _ = _read_header(path)
+    header, data_start = _read_header(path)
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     shapes = {k: tuple(v["shape"]) for k, v in tensors.items()}
     dtypes = {k: v["dtype"] for k, v in tensors.items()}
     num = check_layout(shapes, dtypes, str(path))
     raw_meta = (header.get("__metadata__") or {}).get(METADATA_KEY)
     metadata = json.loads(raw_meta) if raw_meta else {}
-    return ShardInfo(path=path, num_samples=num, shapes=shapes, dtypes=dtypes, metadata=metadata)
+    offsets = {k: data_start + v["data_offsets"][0] for k, v in tensors.items()}
+    return ShardInfo(path=path, num_samples=num, shapes=shapes, dtypes=dtypes, metadata=metadata,
+                     offsets=offsets)
 
 
 def read_shard(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -325,6 +335,23 @@ class RunningStats:
         self.mean = self.mean + delta * (n_b / n)
         self.m2 = self.m2 + m2_b + delta.square() * (n_a * n_b / n)
         self.count = n
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able exact state (Python floats print and parse back to the same float64)."""
+        return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any], where: str = "stats") -> "RunningStats":
+        try:
+            stats = cls(len(state["mean"]))
+            stats.count = int(state["count"])
+            stats.mean = torch.tensor(state["mean"], dtype=torch.float64)
+            stats.m2 = torch.tensor(state["m2"], dtype=torch.float64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: not a RunningStats state ({exc})") from exc
+        if stats.m2.shape != stats.mean.shape or stats.count < 0:
+            raise ValueError(f"{where}: inconsistent RunningStats state")
+        return stats
 
     def std(self, unbiased: bool = True) -> torch.Tensor:
         """Per-channel std; unbiased (N - 1) by default like `torch.std` in the reference."""

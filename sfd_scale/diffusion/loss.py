@@ -2,6 +2,12 @@
 
 Every term is returned separately so logs show what moves; `loss` is their sum, as the
 reference trains on mse + cos + repa (each averaged over the batch).
+
+Random draws are defined for the whole global batch of an optimizer step, so that any split of
+that batch over ranks and micro-batches sees exactly the numbers one process would: per step
+the generator yields the global batch's times, a noise seed and a label-dropout seed; a sample's
+noise comes from (noise seed, its row in the global batch), and its label-dropout uniform is
+the row-th draw of the label-dropout generator.
 """
 from __future__ import annotations
 
@@ -13,6 +19,35 @@ import torch.nn.functional as F
 from sfd_scale.config import DiffusionConfig
 from sfd_scale.diffusion.schedule import OffsetSchedule, build_offset_schedule, sample_train_t
 
+_SEED_HIGH = 2**62
+_MASK64 = (1 << 64) - 1
+
+
+def _row_seed(seed: int, row: int) -> int:
+    """splitmix64 of (seed, row): well-spread generator seeds for neighbouring rows."""
+    z = (seed + (row + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1  # 63 bits: manual_seed takes it
+
+
+def row_noise(rows: range, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Standard normal noise (len(rows), *shape), float32 on the CPU; row r depends only on (seed, r)."""
+    out = torch.empty((len(rows), *shape))
+    generator = torch.Generator()
+    for i, row in enumerate(rows):
+        generator.manual_seed(_row_seed(seed, row))
+        out[i].normal_(generator=generator)
+    return out
+
+
+@dataclass(frozen=True)
+class BatchPart:
+    """Where a micro-batch sits in its optimizer step's global batch: rows [start, start + B) of `total`."""
+
+    start: int
+    total: int
+
 
 @dataclass
 class NoisedBatch:
@@ -22,6 +57,8 @@ class NoisedBatch:
     target: torch.Tensor      # (B, C, H, W) velocity x1 - x0
     t_sem: torch.Tensor       # (B,)
     t_tex: torch.Tensor       # (B,)
+    label_generator: torch.Generator
+    """Positioned so the model's label-dropout draws for this micro-batch are its rows' draws."""
 
 
 class SFDLoss:
@@ -32,22 +69,31 @@ class SFDLoss:
         self.semantic_channels = semantic_channels
         self.schedule: OffsetSchedule = build_offset_schedule(cfg.offset, cfg.delta_t)
 
-    def noise(self, x1: torch.Tensor, generator: torch.Generator | None = None) -> NoisedBatch:
+    def noise(self, x1: torch.Tensor, generator: torch.Generator | None = None,
+              part: BatchPart | None = None) -> NoisedBatch:
         """Draws t (logit-normal), x0 ~ N(0, I) and builds x_t per channel group.
 
-        Random numbers come from a CPU generator so runs are reproducible across devices.
+        `x1` holds rows `part` of the step's global batch (default: all of it). Random numbers
+        come from CPU generators so runs are reproducible across devices and world sizes.
         """
         b = x1.shape[0]
-        t = sample_train_t(b, self.cfg.time_sampling, generator, self.cfg.logit_mean,
-                           self.cfg.logit_std).to(x1.device)
-        x0 = torch.randn(x1.shape, generator=generator, dtype=torch.float32).to(x1.device, x1.dtype)
+        part = BatchPart(0, b) if part is None else part
+        if part.start < 0 or part.start + b > part.total:
+            raise ValueError(f"micro-batch of {b} rows at {part.start} does not fit a global batch of {part.total}")
+        rows = slice(part.start, part.start + b)
+        t = sample_train_t(part.total, self.cfg.time_sampling, generator, self.cfg.logit_mean,
+                           self.cfg.logit_std)[rows].to(x1.device)
+        noise_seed, label_seed = torch.randint(0, _SEED_HIGH, (2,), generator=generator).tolist()
+        x0 = row_noise(range(rows.start, rows.stop), tuple(x1.shape[1:]), noise_seed).to(x1.device, x1.dtype)
+        label_generator = torch.Generator().manual_seed(label_seed)
+        torch.rand(part.start, generator=label_generator)  # skip the draws of earlier rows
         t_sem, t_tex = self.schedule.train_times(t)
         s = self.semantic_channels
         # Per-channel time: texture channels at t_tex, the last `s` (semantic) at t_sem.
         t_map = torch.cat([t_tex[:, None].expand(b, x1.shape[1] - s), t_sem[:, None].expand(b, s)], dim=1)
         t_map = t_map[:, :, None, None].to(x1.dtype)
         x_t = t_map * x1 + (1 - t_map) * x0
-        return NoisedBatch(x_t=x_t, target=x1 - x0, t_sem=t_sem, t_tex=t_tex)
+        return NoisedBatch(x_t=x_t, target=x1 - x0, t_sem=t_sem, t_tex=t_tex, label_generator=label_generator)
 
     def terms(self, pred: torch.Tensor, target: torch.Tensor, repa_pred: torch.Tensor | None,
               repa_target: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -74,10 +120,17 @@ class SFDLoss:
         return out
 
     def __call__(self, model, x1: torch.Tensor, y: torch.Tensor, feats_dino: torch.Tensor | None,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        batch = self.noise(x1, generator)
+                 generator: torch.Generator | None = None, part: BatchPart | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """Loss terms of micro-batch `x1` (rows `part` of the step's global batch).
+
+        The model draws its label-dropout uniforms (one per sample, in row order) from the
+        generator it is given; that is how each row gets its own draw.
+        """
+        batch = self.noise(x1, generator, part)
         use_repa = feats_dino is not None and self.cfg.repa_weight > 0
-        out = model(batch.x_t, batch.t_tex, batch.t_sem, y, return_repa=use_repa, generator=generator)
+        out = model(batch.x_t, batch.t_tex, batch.t_sem, y, return_repa=use_repa,
+                    generator=batch.label_generator)
         pred, repa_pred = out if use_repa else (out, None)
         return self.terms(pred, batch.target, repa_pred, feats_dino if use_repa else None)
 

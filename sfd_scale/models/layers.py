@@ -42,6 +42,11 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each interleaved pair of x by the angles whose cosines and sines the tables hold."""
+    return x * cos + rotate_pairs(x) * sin
+
+
 class Rope2D(nn.Module):
     """EVA-style 2-D rotary embedding on a square token grid.
 
@@ -63,10 +68,12 @@ class Rope2D(nn.Module):
         table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)  # (N, head_dim)
         self.register_buffer("freqs_cos", table.cos())
         self.register_buffer("freqs_sin", table.sin())
+        # Slot for a fused kernel (sfd_scale.models.fast_paths); a plain attribute, not state.
+        self.rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = rope_rotate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, heads, N, head_dim) -> same shape, rotated by token position."""
-        return x * self.freqs_cos + rotate_pairs(x) * self.freqs_sin
+        return self.rotate(x, self.freqs_cos, self.freqs_sin)
 
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -81,16 +88,15 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 
 ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "math": attention_math}
+"""The plain-PyTorch backends; `sfd_scale.models.fast_paths` adds the optional fused ones."""
 
 
-def resolve_attention(name: str):
-    """The single dispatch point for the attention kernel (logged once by the caller)."""
-    if name == "auto":
-        name = "sdpa"
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"model.attention: unknown backend {name!r} (known: auto, "
-                         f"{', '.join(ATTENTION_BACKENDS)})")
-    return name, ATTENTION_BACKENDS[name]
+def resolve_attention(name: str) -> tuple[str, Callable[..., torch.Tensor]]:
+    """(backend name, function) for `model.attention`; 'auto' is chosen once per process and
+    logged once. The choice itself lives in `sfd_scale.models.fast_paths`."""
+    from sfd_scale.models import fast_paths  # imported here: fast_paths builds on this module
+
+    return fast_paths.resolve_attention(name)
 
 
 def _dense(in_features: int, out_features: int) -> nn.Module:
@@ -143,6 +149,12 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
 
+def silu_gate(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation on the fused w12 output h (..., 2H) laid out [gate, value] -> (..., H)."""
+    gate, value = h.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
 class SwiGLU(nn.Module):
     """SwiGLU MLP with the gate and value projections fused into one `w12` matmul."""
 
@@ -153,10 +165,11 @@ class SwiGLU(nn.Module):
                              f"size {linears.tp_size}")
         self.w12 = linears.column(dim, 2 * hidden)
         self.w3 = linears.row(hidden, dim)
+        # Slot for a fused kernel (sfd_scale.models.fast_paths); a plain attribute, not state.
+        self.activation: Callable[[torch.Tensor], torch.Tensor] = silu_gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
+        return self.w3(self.activation(self.w12(x)))
 
 
 class TimestepEmbedder(nn.Module):

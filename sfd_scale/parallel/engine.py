@@ -1,10 +1,13 @@
 """The one interface the trainer loop talks to, whatever runs underneath (single process, DDP,
 FSDP2, DeepSpeed, tensor parallel). The loop never asks which engine it has.
+
+In a multi-process run every rank calls every method in the same order; methods that gather
+or write shards (`step`, `save`, `load`, `consolidated_state`, `ema_model`) are collective.
 """
 from __future__ import annotations
 
 import abc
-import math
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from sfd_scale.config import OptimConfig
+from sfd_scale.parallel.distributed import clip_grads_and_check
 from sfd_scale.train.checkpoint import read_state, write_state
 from sfd_scale.train.ema import EMA
 from sfd_scale.train.optim import build_optimizer, set_lr
@@ -22,7 +26,8 @@ class StepStats:
     grad_norm: float
     """Global gradient norm before clipping (over every shard and rank)."""
     skipped: bool
-    """True when the loss or the gradient norm was not finite: no optimizer or EMA update."""
+    """True when the loss or the gradient norm was not finite on any rank: no optimizer or EMA
+    update anywhere."""
 
 
 class Engine(abc.ABC):
@@ -30,6 +35,14 @@ class Engine(abc.ABC):
 
     model: nn.Module
     """Call this for the training forward (it may be a wrapper)."""
+
+    @property
+    def layout(self) -> str:
+        """Name of the checkpoint layout `save` writes; `load` accepts only the same layout.
+
+        Engines whose files are interchangeable share a name (local and ddp: 'replicated').
+        """
+        return type(self).__name__
 
     @abc.abstractmethod
     def unwrap(self) -> nn.Module:
@@ -42,8 +55,14 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def zero_grad(self) -> None: ...
 
+    def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
+        """Wraps the forward and backward of one micro-batch; gradients are synchronised across
+        ranks only when `last` (the final micro-batch of an optimizer step)."""
+        return contextlib.nullcontext()
+
     @abc.abstractmethod
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients of `loss` (already divided by the number of micro-batches)."""
 
     @abc.abstractmethod
     def step(self, lr: float, loss: torch.Tensor) -> StepStats:
@@ -51,29 +70,33 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def save(self, folder: Path) -> None:
-        """Write model, EMA and optimizer state into a checkpoint folder being assembled."""
+        """Write model, EMA and optimizer state into a checkpoint folder being assembled
+        (every rank writes its part into the same folder)."""
 
     @abc.abstractmethod
     def load(self, folder: Path) -> None:
-        """Restore what `save` wrote (exactly)."""
+        """Restore what `save` wrote (exactly), possibly by a run with another world size."""
 
     @abc.abstractmethod
     def consolidated_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Full (model, EMA) state dicts with reference keys, for export."""
+        """Full (model, EMA) state dicts with reference keys, on the CPU, for export."""
 
 
 class LocalEngine(Engine):
     """One process, one device: plain module, AdamW, foreach EMA."""
 
+    layout = "replicated"  # type: ignore[assignment]
+
     def __init__(self, model: nn.Module, optim_cfg: OptimConfig, ema_decay: float,
                  device: torch.device) -> None:
-        self.model = model.to(device)
+        self.module = model.to(device)
+        self.model = self.module
         self.optim_cfg = optim_cfg
-        self.ema = EMA(self.model, ema_decay)
-        self.optimizer = build_optimizer(self.model, optim_cfg, device)
+        self.ema = EMA(self.module, ema_decay)
+        self.optimizer = build_optimizer(self.module, optim_cfg, device)
 
     def unwrap(self) -> nn.Module:
-        return self.model
+        return self.module
 
     def ema_model(self) -> nn.Module:
         return self.ema.model
@@ -85,25 +108,29 @@ class LocalEngine(Engine):
         loss.backward()
 
     def step(self, lr: float, loss: torch.Tensor) -> StepStats:
-        max_norm = self.optim_cfg.max_grad_norm if self.optim_cfg.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        grad_norm, finite = clip_grads_and_check(grads, self.optim_cfg.max_grad_norm, loss, sharded=False)
         # A non-finite loss or gradient would poison the weights and the EMA: skip the update.
-        if not (math.isfinite(float(loss)) and math.isfinite(grad_norm)):
+        if not finite:
             return StepStats(grad_norm, skipped=True)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
-        self.ema.update(self.model)
+        self.ema.update(self.module)
         return StepStats(grad_norm, skipped=False)
 
     def save(self, folder: Path) -> None:
-        write_state(folder, "model", self.model.state_dict())
+        write_state(folder, "model", self.module.state_dict())
         write_state(folder, "ema", self.ema.state_dict())
         write_state(folder, "optimizer", self.optimizer.state_dict())
 
     def load(self, folder: Path) -> None:
-        self.model.load_state_dict(read_state(folder, "model"), strict=True)
+        self.module.load_state_dict(read_state(folder, "model"), strict=True)
         self.ema.load_state_dict(read_state(folder, "ema"))
         self.optimizer.load_state_dict(read_state(folder, "optimizer"))
 
     def consolidated_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return self.model.state_dict(), self.ema.state_dict()
+        return _to_cpu(self.module.state_dict()), _to_cpu(self.ema.state_dict())
+
+
+def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}

@@ -240,20 +240,39 @@ class CheckpointStore:
         else the writer adds (engine shard folders) is covered by the manifest and read by the caller
         from `step_dir(step)` after `verify(step)`. Returns the published folder.
         """
-        if type(step) is not int or step < 0:
-            raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
-        meta_text = _plain_json(meta)
-        for name in entries:
-            _check_entry_name(name)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_leftovers()
-
-        final = self.step_dir(step)
-        temp = self.root / f"{_TEMP_PREFIX}{step:08d}-{uuid.uuid4().hex[:8]}"
-        temp.mkdir()
+        _plain_json(meta)  # fail before writing anything
+        temp = self.begin(step)
         try:
             writer(temp)
+        except BaseException:
+            self.abandon(temp)
+            raise
+        return self.publish(step, temp, meta, entries)
+
+    # Multi-process runs split `save_files` in three: rank 0 calls `begin` and shares the folder,
+    # every rank writes its part into it, then (after a barrier) rank 0 calls `publish`.
+
+    def begin(self, step: int) -> Path:
+        """Create the temporary folder that the writers of `step` fill."""
+        if type(step) is not int or step < 0:
+            raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+        temp = self.root / f"{_TEMP_PREFIX}{step:08d}-{uuid.uuid4().hex[:8]}"
+        temp.mkdir()
+        return temp
+
+    def abandon(self, temp: Path) -> None:
+        """Remove a temporary folder whose writing failed."""
+        shutil.rmtree(temp, ignore_errors=True)
+
+    def publish(self, step: int, temp: Path, meta: Mapping[str, Any], entries: Sequence[str] = ()) -> Path:
+        """Checksum, fsync and rename a filled temporary folder into place as step `step`."""
+        final = self.step_dir(step)
+        try:
+            meta_text = _plain_json(meta)
             for name in entries:
+                _check_entry_name(name)
                 for suffix in (".safetensors", ".json"):
                     if not (temp / f"{name}{suffix}").is_file():
                         raise FileNotFoundError(f"checkpoint writer declared entry '{name}' but did not "
@@ -276,7 +295,7 @@ class CheckpointStore:
             os.rename(temp, final)
             _fsync_dir(self.root)
         except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
+            self.abandon(temp)
             raise
 
         _replace_text(self.root / LATEST_NAME, final.name + "\n")

@@ -1,24 +1,90 @@
 """Optimizer and learning-rate schedule from the config (one place chooses the AdamW kernel)."""
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from sfd_scale.config import OptimConfig
 
 log = logging.getLogger(__name__)
 
 
+def _apex_fused_adam() -> type | None:
+    """NVIDIA apex's FusedAdam when apex (built with its CUDA extensions) is importable."""
+    try:
+        from apex.optimizers import FusedAdam
+    except (ImportError, OSError):  # PyPI's unrelated `apex`, or an apex built without CUDA
+        return None
+    return FusedAdam
+
+
+@functools.cache
+def with_adamw_interface(fused_adam: type) -> type:
+    """apex's FusedAdam behind `torch.optim.AdamW`'s interface, so engines and checkpoints need
+    not know which kernel ran: `zero_grad(set_to_none=...)` (apex's takes no argument) and state
+    dicts in AdamW's layout, with a per-parameter 'step' (apex keeps one per group). A run saved
+    with apex resumes exactly without it, and the other way round."""
+
+    class ApexAdamW(fused_adam):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if set_to_none:
+                        p.grad = None
+                    elif p.grad is not None:
+                        p.grad.detach_().zero_()
+
+        def state_dict(self) -> dict:
+            state = super().state_dict()
+            for group in state["param_groups"]:
+                step = group.pop("step", None)
+                group.pop("bias_correction", None)
+                for index in group["params"]:
+                    if step is not None and index in state["state"]:
+                        state["state"][index]["step"] = torch.tensor(float(step))
+            return state
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            state = {i: dict(v) for i, v in state_dict["state"].items()}
+            groups = [dict(g) for g in state_dict["param_groups"]]
+            for group, current in zip(groups, self.param_groups):
+                steps = {float(state[i].pop("step")) for i in group["params"] if "step" in state.get(i, {})}
+                if len(steps) > 1:
+                    raise ValueError(f"optimizer state has parameters at different steps {sorted(steps)}; "
+                                     "apex FusedAdam keeps one step per parameter group")
+                if steps:
+                    group["step"] = int(steps.pop())
+                group.setdefault("bias_correction", current["bias_correction"])
+            super().load_state_dict({"state": state, "param_groups": groups})
+
+    return ApexAdamW
+
+
+def adamw_kernel(params: list[torch.Tensor], device: torch.device) -> str:
+    """The AdamW implementation for `params` on `device`: 'apex' (apex FusedAdam) when importable
+    on CUDA, else 'fused' (torch's single-kernel AdamW) on CUDA, 'foreach' elsewhere. Sharded
+    (DTensor) parameters never go to apex, which only knows plain tensors."""
+    if device.type != "cuda":
+        return "foreach"
+    if _apex_fused_adam() is not None and not any(isinstance(p, DTensor) for p in params):
+        return "apex"
+    return "fused"
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: fused kernel on CUDA, foreach elsewhere."""
+    """AdamW over the trainable parameters, with the kernel `adamw_kernel` picks (logged)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    kernel = adamw_kernel(params, device)
     log.info("optimizer: AdamW (%s), lr %g, betas (%g, %g), weight decay %g",
-             next(iter(kernel)), cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, **kernel)
+             kernel, cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay)
+    hyper = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if kernel == "apex":
+        return with_adamw_interface(_apex_fused_adam())(params, adam_w_mode=True, **hyper)
+    return torch.optim.AdamW(params, **hyper, **{kernel: True})
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

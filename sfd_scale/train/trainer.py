@@ -1,11 +1,21 @@
-"""Single-process SFD trainer: loss -> backward -> clip -> AdamW -> EMA -> log -> checkpoint.
+"""SFD trainer: loss -> backward -> clip -> AdamW -> EMA -> log -> checkpoint, on any engine.
 
-Resume is exact: a checkpoint holds the model, EMA, optimizer, LR schedule, step, the loader's
-position and every random generator, so k steps + resume + (n - k) steps equals n straight steps.
+The loop is the same for one process and for many: the engine (built by
+`sfd_scale.parallel.factory.build_engine`) hides how the model is replicated or sharded. Each
+optimizer step consumes one global batch; data-parallel rank r reads its contiguous block of it
+and splits that into `parallel.grad_accum_steps` micro-batches, and every random draw is tied to
+a sample's row in the global batch, so any world size computes the single-process step.
+
+Resume is exact: a checkpoint holds the model, EMA, optimizer, step (the learning rate is a
+function of it), the loader's position and every random generator, so k steps + resume +
+(n - k) steps equals n straight steps.
+The loader position, the loss generator and the counters are global (identical on every rank,
+written once); the process-wide generators are per rank (one file each).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -16,11 +26,14 @@ import torch
 
 from sfd_scale.config import SFDConfig, to_dict
 from sfd_scale.data.loader import LatentShardDataset, ShardLoader
-from sfd_scale.diffusion.loss import SFDLoss
+from sfd_scale.diffusion.loss import BatchPart, SFDLoss
 from sfd_scale.logging import MetricsLogger
-from sfd_scale.models.lightningdit import LightningDiT, build_model, count_parameters
-from sfd_scale.parallel.engine import Engine, LocalEngine
-from sfd_scale.train.checkpoint import CheckpointStore, write_state
+from sfd_scale.models.lightningdit import LightningDiT, count_parameters
+from sfd_scale.parallel import distributed
+from sfd_scale.parallel.dims import ParallelDims, check_config_fits
+from sfd_scale.parallel.engine import Engine
+from sfd_scale.parallel.factory import build_engine
+from sfd_scale.train.checkpoint import MANIFEST_NAME, CheckpointStore, read_state, write_state
 from sfd_scale.train.optim import lr_at
 from sfd_scale.train.rng import capture_rng, restore_rng
 
@@ -30,10 +43,19 @@ PreviewFn = Callable[[LightningDiT, int], Path]
 """Called with the EMA model and the step; writes a sample grid and returns its path."""
 
 
-def resolve_device(name: str) -> torch.device:
+RNG_DIR = "rng"
+"""Step sub-folder with one process-wide RNG file per rank (rank00000.safetensors/.json, ...)."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto: this process's GPU (cuda:local_rank) when CUDA exists, else the CPU; a bare 'cuda'
+    also means this process's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -53,31 +75,40 @@ class StepResult:
 class Trainer:
     """Owns the model, EMA, optimizer, data position and RNG for one run directory."""
 
-    def __init__(self, cfg: SFDConfig, run_dir: Path, preview: PreviewFn | None = None) -> None:
+    def __init__(self, cfg: SFDConfig, run_dir: Path, preview: PreviewFn | None = None,
+                 dims: ParallelDims | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.device = resolve_device(cfg.train.device)
+        self.dims = ParallelDims.from_env(tp=cfg.parallel.tensor_parallel) if dims is None else dims
+        check_config_fits(cfg, self.dims)  # before any process group, model or data
+        self.device = resolve_device(cfg.train.device, self.dims.local_rank)
         self.preview = preview
-        torch.manual_seed(cfg.train.seed)
-        self.engine: Engine = LocalEngine(build_model(cfg.model).train(), cfg.optim,
-                                          cfg.train.ema_decay, self.device)
+        self.accum_steps = cfg.parallel.grad_accum_steps
+        self.rank_batch = cfg.train.global_batch_size // self.dims.dp
+        self.micro_batch = self.rank_batch // self.accum_steps
+        torch.manual_seed(cfg.train.seed)  # same on every rank: replicated engines start equal
+        self.engine: Engine = build_engine(cfg, self.dims, self.device)
         self.loss_fn = SFDLoss(cfg.diffusion, cfg.model.semantic_channels)
         # Noise, times and label dropout come from this generator, saved in every checkpoint.
+        # Every rank draws the whole global batch's numbers from it and keeps its rows.
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1)
         dataset = LatentShardDataset(cfg.data.data_dir, latent_norm=cfg.data.latent_norm,
                                      latent_sv_norm=cfg.data.latent_sv_norm,
                                      latent_multiplier=cfg.data.latent_multiplier)
         self._check_data_matches_model(dataset)
-        self.loader = ShardLoader(dataset, batch_size=cfg.train.global_batch_size, seed=cfg.train.seed,
+        self.loader = ShardLoader(dataset, batch_size=self.rank_batch, seed=cfg.train.seed,
+                                  rank=self.dims.dp_rank, world_size=self.dims.dp,
                                   random_flip=cfg.data.random_flip)
         self.batches = _endless(self.loader)
         self.store = CheckpointStore(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
         self.step = 0
         self.skipped_steps = 0
-        log.info("model LightningDiT-%s: %.2f M parameters, attention %s, device %s",
+        self._saved_step: int | None = None
+        log.info("model LightningDiT-%s: %.2f M parameters, attention %s, device %s, engine %s (%s), "
+                 "%d micro-batch(es) of %d per rank and step",
                  cfg.model.size, count_parameters(self.engine.unwrap()) / 1e6,
-                 self.engine.unwrap().attention_backend,
-                 self.device)
+                 self.engine.unwrap().attention_backend, self.device, cfg.parallel.engine,
+                 self.dims.describe(), self.accum_steps, self.micro_batch)
 
     def _check_data_matches_model(self, dataset: LatentShardDataset) -> None:
         shape = (dataset.texture_channels + dataset.semantic_channels, *dataset.latent_hw)
@@ -90,10 +121,11 @@ class Trainer:
     # State
     # ------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
-        """What the loop owns besides the engine: data position, random generators, counters."""
+        """What the loop owns besides the engine, identical on every rank: data position, the
+        loss generator, counters."""
         return {
             "loader": self.loader.state_dict(),
-            "rng": {"loss": self.generator.get_state(), "global": capture_rng()},
+            "rng": {"loss": self.generator.get_state()},
             "counters": {"step": self.step, "skipped_steps": self.skipped_steps},
         }
 
@@ -101,36 +133,89 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.batches = _endless(self.loader)
         self.generator.set_state(state["rng"]["loss"])
-        restore_rng(state["rng"]["global"])
         self.step = int(state["counters"]["step"])
         self.skipped_steps = int(state["counters"]["skipped_steps"])
 
     def save_checkpoint(self) -> Path:
-        meta = {"step": self.step, "config": to_dict(self.cfg)}
+        """Collective: every rank writes its part into one temporary folder; rank 0 publishes it."""
+        meta = {"step": self.step, "config": to_dict(self.cfg), "engine": self.cfg.parallel.engine,
+                "layout": self.engine.layout, "world_size": self.dims.world_size,
+                "dp": self.dims.dp, "tp": self.dims.tp}
         state = self.trainer_state()
-
-        def write(folder: Path) -> None:
-            self.engine.save(folder)
-            write_state(folder, "trainer", state)
-
-        path = self.store.save_files(self.step, write, meta, entries=["trainer"])
+        temp = distributed.run_on_main(lambda: self.store.begin(self.step))
+        error = None
+        try:
+            self.engine.save(temp)
+            (temp / RNG_DIR).mkdir(exist_ok=True)
+            write_state(temp / RNG_DIR, _rank_entry(self.dims.rank), capture_rng())
+            if self.dims.is_main:
+                write_state(temp, "trainer", state)
+        except Exception as err:  # reported collectively below, so no rank waits forever
+            error = err
+        try:
+            distributed.raise_if_any_failed(error, f"writing checkpoint step {self.step}")
+        except RuntimeError:
+            if self.dims.is_main:
+                self.store.abandon(temp)
+            raise
+        path = distributed.run_on_main(lambda: self.store.publish(self.step, temp, meta, entries=["trainer"]))
+        self._saved_step = self.step
         log.info("checkpoint step %d -> %s", self.step, path)
         return path
 
     def maybe_resume(self) -> bool:
-        """Resume from the highest complete, verified checkpoint according to train.resume."""
+        """Resume from the highest complete, verified checkpoint according to train.resume.
+
+        Rank 0 chooses (and checksums) the step; every rank then loads that same step, after
+        checking that it sees the same manifest (a folder not shared by all nodes is an error).
+        """
         mode = self.cfg.train.resume
         if mode == "never":
             return False
-        found = self.store.load_latest_valid(required=(mode == "must"))
-        if found is None:
+        step = distributed.run_on_main(lambda: self._latest_valid_step(required=(mode == "must")))
+        if step is None:
             return False
-        step, entries, meta = found
+        folder = self.store.step_dir(step)
+        self._check_same_manifest(folder)
+        entries, meta = self.store.load(step, verify=False)
         self._check_architecture(meta)
-        self.engine.load(self.store.step_dir(step))
+        layout = meta.get("layout", "replicated")
+        if layout != self.engine.layout:
+            raise ValueError(f"checkpoint {folder} was written by engine {meta.get('engine', 'local')!r} "
+                             f"({layout} layout); parallel.engine={self.cfg.parallel.engine!r} reads "
+                             f"the {self.engine.layout} layout. Resume with the engine that wrote it, "
+                             "or export it (launchers/export.py) and start from the weights")
+        self.engine.load(folder)
         self.load_trainer_state(entries["trainer"])
-        log.info("resumed from step %d", step)
+        self._restore_rank_rng(folder, meta)
+        self._saved_step = step
+        log.info("resumed from step %d (saved by %s rank(s), now %d)", step, meta.get("world_size", 1),
+                 self.dims.world_size)
         return True
+
+    def _latest_valid_step(self, required: bool) -> int | None:
+        found = self.store.load_latest_valid(required=required)
+        return None if found is None else found[0]
+
+    def _check_same_manifest(self, folder: Path) -> None:
+        try:
+            digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
+        except OSError as err:
+            digest = f"unreadable: {err}"
+        views = distributed.all_gather_object(digest)
+        differ = [r for r, d in enumerate(views) if d != views[0]]
+        if differ:
+            raise RuntimeError(f"ranks disagree about checkpoint {folder}: ranks {differ} see another "
+                               f"manifest than rank 0 ({views[differ[0]][:80]} vs {views[0][:16]}); "
+                               "checkpoints must be on a file system every node shares")
+
+    def _restore_rank_rng(self, folder: Path, meta: dict) -> None:
+        name = _rank_entry(self.dims.rank)
+        if (folder / RNG_DIR / f"{name}.safetensors").is_file():
+            restore_rng(read_state(folder / RNG_DIR, name))
+        else:  # a run resumed on more ranks than saved it: the new ranks keep their seeded state
+            log.warning("checkpoint (saved by %s rank(s)) has no process RNG state for rank %d; "
+                        "it keeps its seeded state", meta.get("world_size", 1), self.dims.rank)
 
     def _check_architecture(self, meta: dict) -> None:
         saved = meta.get("config", {}).get("model")
@@ -142,37 +227,52 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------------------------------
-    def next_batch(self):
-        x, y, feats = next(self.batches)
-        return (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
-                feats.to(self.device, non_blocking=True))
-
     def train_step(self) -> StepResult:
-        x, y, feats = self.next_batch()
-        with autocast_for(self.cfg.train.precision, self.device):
-            terms = self.loss_fn(self.engine.model, x, y,
-                                 feats if self.cfg.model.repa_depth > 0 else None,
-                                 generator=self.generator)
+        """One optimizer step over this rank's block of the global batch, in micro-batches."""
+        x, y, feats = next(self.batches)
+        use_feats = self.cfg.model.repa_depth > 0
+        step_draws = self.generator.get_state()
         self.engine.zero_grad()
-        self.engine.backward(terms["loss"])
+        sums: dict[str, torch.Tensor] = {}
+        for k in range(self.accum_steps):
+            rows = slice(k * self.micro_batch, (k + 1) * self.micro_batch)
+            # Every micro-batch reads the step's draws from the start and keeps its own rows.
+            self.generator.set_state(step_draws)
+            part = BatchPart(self.dims.dp_rank * self.rank_batch + rows.start, self.cfg.train.global_batch_size)
+            with self.engine.micro_step(last=k == self.accum_steps - 1):
+                with autocast_for(self.cfg.train.precision, self.device):
+                    terms = self.loss_fn(self.engine.model, self._to_device(x[rows]), self._to_device(y[rows]),
+                                         self._to_device(feats[rows]) if use_feats else None,
+                                         generator=self.generator, part=part)
+                self.engine.backward(terms["loss"] / self.accum_steps)
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() / self.accum_steps
         lr = lr_at(self.step, self.cfg.optim)
-        stats = self.engine.step(lr, terms["loss"].detach())
-        metrics = {k: v.item() for k, v in terms.items()}
+        stats = self.engine.step(lr, sums["loss"])
+        metrics = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # one device sync
         metrics.update(grad_norm=stats.grad_norm, lr=lr)
-        if stats.skipped:
+        if stats.skipped:  # the engine decided for all ranks together
             self.skipped_steps += 1
-            log.warning("step %d: non-finite loss %.4g or grad norm %.4g, update skipped (%d so far)",
-                        self.step + 1, metrics["loss"], stats.grad_norm, self.skipped_steps)
+            if self.dims.is_main:
+                log.warning("step %d: non-finite loss %.4g or grad norm %.4g, update skipped (%d so far)",
+                            self.step + 1, metrics["loss"], stats.grad_norm, self.skipped_steps)
         self.step += 1
         return StepResult(metrics, stats.skipped)
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
+
     def fit(self, max_steps: int | None = None) -> None:
-        """Train until max_steps (default train.max_steps), checkpointing and logging on the way."""
+        """Train until max_steps (default train.max_steps), checkpointing and logging on the way.
+
+        Metrics are averaged over ranks and written by rank 0 only.
+        """
         cfg = self.cfg.train
         end = cfg.max_steps if max_steps is None else max_steps
+        main = self.dims.is_main
         logger = MetricsLogger(self.run_dir, to_dict(self.cfg), wandb_mode=self.cfg.logging.wandb,
-                               project=self.cfg.logging.project)
-        progress = _progress(self.step, end, self.cfg.logging.progress_bar)
+                               project=self.cfg.logging.project) if main else None
+        progress = _progress(self.step, end, self.cfg.logging.progress_bar and main)
         window: dict[str, float] = {}
         t0, images = time.perf_counter(), 0
         try:
@@ -184,23 +284,34 @@ class Trainer:
                 progress.update(1)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                    row = {k: v / n for k, v in window.items()}
+                    row = {k: v / n for k, v in distributed.mean_over_ranks(window).items()}
                     row["images_per_s"] = images / (time.perf_counter() - t0)
                     row["skipped_steps"] = self.skipped_steps
-                    logger.log(self.step, row)
+                    if logger is not None:
+                        logger.log(self.step, row)
                     progress.set_postfix(loss=f"{row['loss']:.4f}")
                     window, t0, images = {}, time.perf_counter(), 0
                 if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
                 if self.preview is not None and cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
-                    logger.log_image(self.step, "samples", self.preview(self.engine.ema_model(), self.step))
-            if self.store.latest_step() != self.step:
+                    self._preview(logger)
+            if self._saved_step != self.step:
                 self.save_checkpoint()
             if self.preview is not None:
-                logger.log_image(self.step, "samples", self.preview(self.engine.ema_model(), self.step))
+                self._preview(logger)
         finally:
             progress.close()
-            logger.close()
+            if logger is not None:
+                logger.close()
+
+    def _preview(self, logger: MetricsLogger | None) -> None:
+        ema = self.engine.ema_model()  # collective for sharded engines
+        if logger is not None:
+            logger.log_image(self.step, "samples", self.preview(ema, self.step))
+
+
+def _rank_entry(rank: int) -> str:
+    return f"rank{rank:05d}"
 
 
 def _endless(loader: ShardLoader):

@@ -1,0 +1,80 @@
+"""2-D rotary embedding on interleaved pairs, forward and backward in one pass each.
+
+Unfused, `Rope2D` builds the rotated copy of x (a stack and a flatten) and does two multiplies and
+an add over (B, heads, N, head_dim); fused it reads x and the (N, head_dim) tables once and writes
+the result once. The backward is the inverse rotation: the same kernel with the sine terms
+transposed and negated.
+
+Plain-PyTorch twin: `sfd_scale.kernels.reference.rope_reference`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_ROWS = 16
+"""Rows (one token of one head of one sample) per program."""
+
+
+@triton.jit
+def _rotate_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, rows, tokens, head_dim,
+                   INVERSE: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr):
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]        # (ROWS, 1)
+    pair = tl.arange(0, PAIRS)[None, :]                                 # (1, PAIRS)
+    mask = (row < rows) & (2 * pair < head_dim)
+    even = row * head_dim + 2 * pair
+    table_even = (row % tokens) * head_dim + 2 * pair
+    x_even = tl.load(x_ptr + even, mask=mask, other=0.0).to(tl.float32)
+    x_odd = tl.load(x_ptr + even + 1, mask=mask, other=0.0).to(tl.float32)
+    cos_even = tl.load(cos_ptr + table_even, mask=mask, other=0.0).to(tl.float32)
+    cos_odd = tl.load(cos_ptr + table_even + 1, mask=mask, other=0.0).to(tl.float32)
+    sin_even = tl.load(sin_ptr + table_even, mask=mask, other=0.0).to(tl.float32)
+    sin_odd = tl.load(sin_ptr + table_even + 1, mask=mask, other=0.0).to(tl.float32)
+    if INVERSE:
+        # Transposed rotation: dx_e = dy_e c_e + dy_o s_o, dx_o = dy_o c_o - dy_e s_e.
+        sin_even, sin_odd = -sin_odd, -sin_even
+    out_even = x_even * cos_even - x_odd * sin_even
+    out_odd = x_odd * cos_odd + x_even * sin_odd
+    tl.store(out_ptr + even, out_even.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + even + 1, out_odd.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype,
+            inverse: bool) -> torch.Tensor:
+    x = x.contiguous()
+    head_dim, tokens = x.shape[-1], x.shape[-2]
+    rows = x.numel() // head_dim
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    _rotate_kernel[(triton.cdiv(rows, _ROWS),)](x, cos, sin, out, rows, tokens, head_dim, INVERSE=inverse,
+                                                ROWS=_ROWS, PAIRS=triton.next_power_of_2(head_dim // 2))
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, out_dtype):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return _rotate(x, cos, sin, out_dtype, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rotate(dy, cos, sin, ctx.x_dtype, inverse=True), None, None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rotate x (B, heads, N, head_dim) by `Rope2D`'s (N, head_dim) tables (no gradient to them).
+
+    `out_dtype` defaults to PyTorch's promotion of x and the tables, as the unfused expression.
+    """
+    if x.dim() != 4 or x.shape[-1] % 2 or cos.shape != x.shape[-2:] or sin.shape != cos.shape:
+        raise ValueError(f"rope: expected x (B, heads, N, head_dim) with even head_dim and tables (N, "
+                         f"head_dim); got {tuple(x.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("rope: the fused kernel gives no gradient to the cos/sin tables")
+    if out_dtype is None:
+        out_dtype = torch.promote_types(x.dtype, cos.dtype)
+    return _Rope.apply(x, cos.contiguous(), sin.contiguous(), out_dtype)

@@ -1,0 +1,61 @@
+"""Data loader throughput: our ShardLoader against a per-sample reader, in one run, same shards.
+
+  python launchers/bench_data.py --dir /tmp/bench_shards            # makes 2 x 1000 samples once
+  python launchers/bench_data.py --dir D --shards 3 --per-shard 1000 --seconds 30 --json out.json
+
+Shards hold the SFD shapes (32 + 16 latent channels at 16x16, 768x16x16 float16 DINO features,
+both copies) unless the shape options say otherwise. Prints one JSON line with samples/s of the
+per-sample reader, of our loader (CPU output and the host side of the GPU path), of one memory
+copy per sample (the machine's ceiling), the ratios, and the per-node extrapolation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sfd_scale.data.loader_bench import make_bench_shards, run_loader_benchmark
+from sfd_scale.logging import get_logger
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", required=True, type=Path, help="shard folder (created when empty)")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--per-shard", type=int, default=1000)
+    parser.add_argument("--texture-channels", type=int, default=32)
+    parser.add_argument("--semantic-channels", type=int, default=16)
+    parser.add_argument("--dino-channels", type=int, default=768)
+    parser.add_argument("--latent-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=12.0, help="timed seconds per reader, all repeats")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=2, help="loader reader threads")
+    parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    log = get_logger()
+    make_bench_shards(args.dir, args.shards, args.per_shard, args.texture_channels,
+                      args.semantic_channels, args.dino_channels, args.latent_size)
+    result = run_loader_benchmark(args.dir, batch_size=args.batch_size, seconds=args.seconds,
+                                  repeats=args.repeats, num_threads=args.threads, prefetch=args.prefetch)
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.json is not None:
+        args.json.write_text(line + "\n")
+    rates = result["samples_per_s"]
+    log.info("per-sample reader %.0f/s, loader %.0f/s (x%.1f), GPU host path %.0f/s (x%.1f), "
+             "copy ceiling %.0f/s; per node (x%d ranks) %.0f/s vs target %d",
+             rates["per_sample"], rates["loader"], result["ratio_loader_vs_per_sample"],
+             rates["loader_gpu_host_path"], result["ratio_gpu_host_path_vs_per_sample"],
+             rates["copy_ceiling"], result["per_node"]["ranks_per_node"],
+             result["per_node"]["extrapolated_samples_per_s"], result["per_node"]["target"])
+    return result
+
+
+if __name__ == "__main__":
+    main()

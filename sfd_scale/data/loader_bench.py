@@ -1,0 +1,249 @@
+"""Loader throughput, measured against a reader that opens the shard file for every sample.
+
+`PerSampleReader` reads one sample at a time through `safetensors.safe_open`, opening the shard
+for each item as the reference `ImgLatentDataset` does, and batches with `torch.stack` like a
+default-collated DataLoader. `run_loader_benchmark` times it and our `ShardLoader` on the same
+shards, in the same global order, alternating the two so that machine load hits both alike,
+after checking that both deliver identical tensors. A third figure times one memory copy per
+sample (rows of in-memory arrays into a reused buffer): the ceiling of any loader on the
+machine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+
+from .loader import LatentShardDataset, ShardLoader
+from .shards import (
+    DINO_KEY,
+    FLIP_SUFFIX,
+    LABEL_KEY,
+    SEMANTIC_KEY,
+    TEXTURE_KEY,
+    RunningStats,
+    list_shards,
+    read_stats,
+    shard_name,
+    validate_shard,
+    write_shard,
+    write_stats,
+)
+
+logger = logging.getLogger(__name__)
+
+RANKS_PER_NODE = 8
+NODE_TARGET = 16_000  # samples/s per node: 8 GPUs x 400 images/s x 5 headroom (issue 6)
+
+
+def make_bench_shards(
+    data_dir: str | os.PathLike,
+    num_shards: int = 2,
+    per_shard: int = 1000,
+    texture_channels: int = 32,
+    semantic_channels: int = 16,
+    dino_channels: int = 768,
+    latent_size: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Random shards in the reference layout (our writer) plus exact stats; kept if present."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    want = [data_dir / shard_name(0, k) for k in range(num_shards)]
+    if all(p.exists() for p in want) and (data_dir / "latents_sv_stats.pt").exists():
+        if [validate_shard(p).num_samples for p in want] == [per_shard] * num_shards:
+            return data_dir
+    gen = torch.Generator().manual_seed(seed)
+    stats = {TEXTURE_KEY: RunningStats(texture_channels), SEMANTIC_KEY: RunningStats(semantic_channels)}
+    hw = (latent_size, latent_size)
+    for path in want:
+        arrays = {}
+        for key, channels in ((TEXTURE_KEY, texture_channels), (SEMANTIC_KEY, semantic_channels)):
+            for suffix in ("", FLIP_SUFFIX):
+                arrays[key + suffix] = torch.randn(per_shard, channels, *hw, generator=gen) * 2 + 0.5
+            stats[key].update(arrays[key])
+        for suffix in ("", FLIP_SUFFIX):
+            arrays[DINO_KEY + suffix] = torch.randn(per_shard, dino_channels, *hw, generator=gen).half()
+        arrays[LABEL_KEY] = torch.randint(0, 1000, (per_shard,), generator=gen)
+        write_shard(path, arrays)
+    for key, s in stats.items():
+        write_stats(data_dir, key, s.mean, s.std())
+    return data_dir
+
+
+class PerSampleReader:
+    """The baseline: every sample opens its shard with `safe_open` and slices three arrays."""
+
+    def __init__(self, data_dir: str | os.PathLike, latent_multiplier: float = 1.0) -> None:
+        self.locations: list[tuple[str, int]] = []
+        for path in list_shards(data_dir):
+            self.locations.extend((str(path), row) for row in range(validate_shard(path).num_samples))
+        self.texture_norm = read_stats(data_dir, TEXTURE_KEY)
+        self.semantic_norm = read_stats(data_dir, SEMANTIC_KEY)
+        self.latent_multiplier = latent_multiplier
+
+    def item(self, index: int, flipped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        path, row = self.locations[index]
+        suffix = FLIP_SUFFIX if flipped else ""
+        with safe_open(path, framework="pt", device="cpu") as f:
+            texture = f.get_slice(TEXTURE_KEY + suffix)[row:row + 1]
+            semantic = f.get_slice(SEMANTIC_KEY + suffix)[row:row + 1]
+            dino = f.get_slice(DINO_KEY + suffix)[row:row + 1].float()
+            label = f.get_slice(LABEL_KEY)[row:row + 1]
+        texture = (texture - self.texture_norm[0]) / self.texture_norm[1]
+        semantic = (semantic - self.semantic_norm[0]) / self.semantic_norm[1]
+        x = torch.cat([texture, semantic], dim=1)
+        if self.latent_multiplier != 1.0:
+            x = x * self.latent_multiplier
+        return x[0], label[0], dino[0]
+
+    def batch(self, indices: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        items = [self.item(i, f) for i, f in zip(indices.tolist(), flip.tolist())]
+        return tuple(torch.stack(parts) for parts in zip(*items))
+
+
+def _rate(run: Callable[[], int], min_seconds: float) -> float:
+    """Samples per second of repeated `run()` calls (each returns its sample count)."""
+    start, samples = time.perf_counter(), 0
+    while True:
+        samples += run()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return samples / elapsed
+
+
+def _warm_page_cache(data_dir: Path) -> None:
+    for path in list_shards(data_dir):
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def run_loader_benchmark(
+    data_dir: str | os.PathLike,
+    batch_size: int = 256,
+    seconds: float = 5.0,
+    repeats: int = 3,
+    num_threads: int = 2,
+    prefetch: int = 2,
+) -> dict[str, Any]:
+    """Samples/s of the per-sample reader and of our loader on `data_dir`, and their ratio.
+
+    Our loader is timed in two settings: with the reference's output (float32 DINO features)
+    and as the host side of GPU training (DINO features left in float16, widened on the GPU
+    after the copy).
+    """
+    data_dir = Path(data_dir)
+    _warm_page_cache(data_dir)
+    dataset = LatentShardDataset(data_dir)
+    if batch_size > len(dataset):
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(dataset)} samples in {data_dir}")
+    reader = PerSampleReader(data_dir)
+    order, flip = ShardLoader(dataset, batch_size, seed=0).epoch_plan(0)
+
+    # Both readers must deliver the same batch before their speeds mean anything.
+    ours = dataset.gather(order[:batch_size], flip[:batch_size])
+    theirs = reader.batch(order[:batch_size], flip[:batch_size])
+    for a, b, name in zip(ours, theirs, ("x", "y", "feats_dino")):
+        if not torch.equal(a, b):
+            raise RuntimeError(f"loader and per-sample reader disagree on '{name}' in {data_dir}")
+
+    state = {"per_sample": 0}
+
+    def per_sample_run() -> int:
+        start = state["per_sample"] % (len(dataset) - batch_size + 1)
+        block = slice(start, start + batch_size)
+        reader.batch(order[block], flip[block])
+        state["per_sample"] += batch_size
+        return batch_size
+
+    def loader_run(**kwargs: Any) -> Callable[[], int]:
+        loader = ShardLoader(dataset, batch_size, seed=0, prefetch=prefetch, num_threads=num_threads, **kwargs)
+        batches = _endless(loader)
+        next(batches)  # thread start-up and first-touch of the buffers are not throughput
+
+        def run() -> int:
+            return next(batches)[0].shape[0]
+        return run
+
+    copy_run = _copy_ceiling(dataset, order, flip, batch_size)
+    runs = {
+        "per_sample": per_sample_run,
+        "loader": loader_run(),
+        "loader_gpu_host_path": loader_run(feats_dtype=torch.float16),
+        "copy_ceiling": copy_run,
+    }
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            rates[name].append(_rate(run, seconds / repeats))
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    sample = dataset.infos[0]
+    sample_bytes = sum(sample.row_bytes(k) for k in (TEXTURE_KEY, SEMANTIC_KEY, DINO_KEY, LABEL_KEY))
+    dataset.close()
+    best_loader = max(median["loader"], median["loader_gpu_host_path"])
+    return {
+        "what": "data_loader_benchmark",
+        "data_dir": str(data_dir),
+        "samples_in_set": len(dataset),
+        "bytes_per_sample_read": sample_bytes,
+        "sample_shapes": {
+            "x": [dataset.texture_channels + dataset.semantic_channels, *dataset.latent_hw],
+            "feats_dino": [dataset.dino_channels, *dataset.latent_hw],
+        },
+        "batch_size": batch_size,
+        "loader_threads": num_threads,
+        "prefetch": prefetch,
+        "samples_per_s": {name: round(v, 1) for name, v in median.items()},
+        "samples_per_s_repeats": {name: [round(v, 1) for v in vs] for name, vs in rates.items()},
+        "ratio_loader_vs_per_sample": round(median["loader"] / median["per_sample"], 2),
+        "ratio_gpu_host_path_vs_per_sample": round(median["loader_gpu_host_path"] / median["per_sample"], 2),
+        "per_node": {
+            "ranks_per_node": RANKS_PER_NODE,
+            "extrapolated_samples_per_s": round(best_loader * RANKS_PER_NODE, 1),
+            "target": NODE_TARGET,
+            "meets_target": best_loader * RANKS_PER_NODE >= NODE_TARGET,
+            "assumption": (f"one loader process per GPU, each as fast as this one process with "
+                           f"{num_threads} reader threads; holds while the node's cores and memory "
+                           f"bandwidth scale with its GPU count and the shards are in the page cache"),
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "torch": torch.__version__,
+        },
+    }
+
+
+def _endless(loader: ShardLoader):
+    while True:
+        yield from loader
+
+
+def _copy_ceiling(dataset: LatentShardDataset, order: torch.Tensor, flip: torch.Tensor,
+                  batch_size: int) -> Callable[[], int]:
+    """One memcpy per sample: rows of an in-memory array (twice the first shard's size at most
+    1024 rows, so it exceeds the CPU caches) gathered into a reused buffer, as many bytes per
+    sample as a loader reads."""
+    info = dataset.infos[0]
+    rows = min(info.num_samples, 512)
+    row_bytes = sum(info.row_bytes(k) for k in (TEXTURE_KEY, SEMANTIC_KEY, DINO_KEY))
+    source = torch.randint(0, 255, (2 * rows, row_bytes), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    target = torch.empty(batch_size, row_bytes, dtype=torch.uint8)
+    picks = order % rows + rows * flip.long()
+    state = {"start": 0}
+
+    def run() -> int:
+        start = state["start"] % (len(picks) - batch_size + 1)
+        torch.index_select(source, 0, picks[start:start + batch_size], out=target)
+        state["start"] += batch_size
+        return batch_size
+    return run

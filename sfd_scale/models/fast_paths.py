@@ -1,0 +1,214 @@
+"""The one dispatch point for optional fast paths: the attention kernel, the Triton kernels, compile.
+
+Every fast path has a plain-PyTorch twin that tests compare it against, is chosen once per process
+and logged once, and leaves parameter names (state-dict keys) alone:
+
+  * attention (`model.attention`): 'auto' takes the first that can run of FlashAttention 3
+    (`flash_attn_interface`, Hopper), FlashAttention 2 (`flash_attn`, Ampere or newer), xformers,
+    each on CUDA only, else PyTorch SDPA (flash/cuDNN/memory-efficient kernels on GPU, its own
+    CPU kernels on the CPU). Every backend takes q, k, v as (B, heads, N, head_dim) after qk-norm
+    and RoPE, and equals `layers.attention_math`.
+  * Triton kernels (`apply_fused_kernels`): fill the `activation` slot of every SwiGLU and the
+    `rotate` slot of every Rope2D. Off unless asked for; on the CPU they run only under Triton's
+    interpreter (tests).
+  * compile (`apply_compile`): regional (every block) or whole-model `torch.compile`, in place.
+
+The AdamW kernel (apex FusedAdam, torch fused, foreach) is chosen in `sfd_scale.train.optim`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from sfd_scale.kernels import triton_installed, triton_interpreting
+from sfd_scale.models.layers import ATTENTION_BACKENDS as PLAIN_ATTENTION
+from sfd_scale.models.layers import Rope2D, SwiGLU, attention_sdpa
+
+log = logging.getLogger(__name__)
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+FUSED_ATTENTION = ("flash3", "flash2", "xformers")
+"""Optional CUDA backends, fastest first: the order 'auto' tries them in."""
+COMPILE_MODES = ("none", "blocks", "model")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+_KERNEL_SOURCES = {"flash3": ("flash_attn_interface", "flash_attn_func"),
+                   "flash2": ("flash_attn", "flash_attn_func"),
+                   "xformers": ("xformers.ops", "memory_efficient_attention")}
+
+
+@functools.cache
+def _kernel(backend: str):
+    """The backend's function, or None when its package is missing or broken (a wheel built for
+    another torch or CUDA fails at import with ImportError or OSError)."""
+    module, name = _KERNEL_SOURCES[backend]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+def _common_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """The dtype a fused kernel computes in: the autocast dtype when autocast is on (q and k leave
+    the fp32 qk-norm weights in fp32 while v is bf16; SDPA would be cast the same way), else the
+    inputs' promoted dtype."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+
+
+@functools.cache
+def _warn_fp32_fallback(backend: str) -> None:
+    log.warning("attention %s needs fp16/bf16 inputs; float32 attention runs through SDPA", backend)
+
+
+def _tokens_major(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  half_only: bool) -> torch.Tensor:
+    """Run a kernel that takes (B, N, heads, head_dim) on (B, heads, N, head_dim) inputs."""
+    dtype = _common_dtype(q, k, v)
+    if half_only and dtype not in _HALF:
+        _warn_fp32_fallback(backend)
+        return attention_sdpa(q, k, v)
+    q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))
+    out = _kernel(backend)(q, k, v)
+    if isinstance(out, tuple):  # some FlashAttention 3 builds also return the log-sum-exp
+        out = out[0]
+    return out.transpose(1, 2)
+
+
+def attention_flash3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _tokens_major("flash3", q, k, v, half_only=True)
+
+
+def attention_flash2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _tokens_major("flash2", q, k, v, half_only=True)
+
+
+def attention_xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _tokens_major("xformers", q, k, v, half_only=False)
+
+
+ATTENTION: dict[str, AttentionFn] = {"flash3": attention_flash3, "flash2": attention_flash2,
+                                     "xformers": attention_xformers, **PLAIN_ATTENTION}
+"""Every backend by name ('auto' picks one of them)."""
+ATTENTION_NAMES = ("auto", *ATTENTION)
+
+_CAPABILITIES = {"flash3": ((9, 0), (9, 9)), "flash2": ((8, 0), (99, 99)), "xformers": ((0, 0), (99, 99))}
+"""CUDA compute capabilities each fused backend has kernels for: FlashAttention 3 is Hopper-only,
+FlashAttention 2 needs Ampere or newer."""
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+@functools.cache
+def available_attention() -> tuple[str, ...]:
+    """Backends that can run in this process, in the order 'auto' prefers them."""
+    capability = _cuda_capability()
+    fused = tuple(name for name in FUSED_ATTENTION
+                  if capability is not None and _CAPABILITIES[name][0] <= capability <= _CAPABILITIES[name][1]
+                  and _kernel(name) is not None)
+    return (*fused, *PLAIN_ATTENTION)
+
+
+def choose_attention(available: Sequence[str]) -> str:
+    """'auto': the first available fused backend, else SDPA."""
+    return next((name for name in FUSED_ATTENTION if name in available), "sdpa")
+
+
+@functools.cache
+def auto_attention() -> str:
+    available = available_attention()
+    name = choose_attention(available)
+    log.info("attention: %s (available here: %s)", name, ", ".join(available))
+    return name
+
+
+def resolve_attention(name: str) -> tuple[str, AttentionFn]:
+    """(backend name, function) for `model.attention`; 'auto' is decided once per process."""
+    if name == "auto":
+        name = auto_attention()
+    if name not in ATTENTION:
+        raise ValueError(f"model.attention: unknown backend {name!r} (known: {', '.join(ATTENTION_NAMES)})")
+    if name in FUSED_ATTENTION and name not in available_attention():
+        raise ValueError(f"model.attention={name!r} cannot run here (it needs CUDA"
+                         f"{' on Hopper' if name == 'flash3' else ''} and its package installed); "
+                         f"available: {', '.join(available_attention())}, or use auto")
+    return name, ATTENTION[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+def fused_kernels_unavailable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device`, or None when they can."""
+    if not triton_installed():
+        return "Triton is not installed (pip install triton)"
+    if device.type != "cuda" and not triton_interpreting():
+        return f"they need a CUDA device (got {device}; the CPU runs them only under TRITON_INTERPRET=1)"
+    return None
+
+
+def _autocast_out_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Under autocast the rotated q/k are cast to the autocast dtype by attention anyway, so the
+    kernel writes that dtype directly (half the bytes, same numbers)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def apply_fused_kernels(model: nn.Module, device: torch.device) -> int:
+    """Put the Triton SwiGLU and RoPE kernels into `model`'s slots in place; returns how many
+    modules now use one. Raises ValueError when they cannot run on `device`."""
+    reason = fused_kernels_unavailable(device)
+    if reason is not None:
+        raise ValueError(f"fused kernels were asked for but cannot run: {reason}")
+    # Imported here, once Triton is known to be usable (and, on the CPU, to be interpreted).
+    from sfd_scale.kernels.rope import rope
+    from sfd_scale.kernels.swiglu import swiglu
+
+    def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rope(x, cos, sin, out_dtype=_autocast_out_dtype(x))
+
+    swapped = 0
+    for module in model.modules():
+        if isinstance(module, SwiGLU):
+            module.activation = swiglu
+            swapped += 1
+        elif isinstance(module, Rope2D):
+            module.rotate = fused_rope
+            swapped += 1
+    log.info("fused Triton kernels: SwiGLU activation and 2-D RoPE in %d modules%s", swapped,
+             " (Triton interpreter)" if device.type != "cuda" else "")
+    return swapped
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile
+# ----------------------------------------------------------------------------------------------
+def apply_compile(model: nn.Module, mode: str, backend: str = "inductor") -> int:
+    """torch.compile in place: 'blocks' compiles each of `model.blocks` (regional: one graph reused
+    by every block, short compile), 'model' the whole forward. Returns how many modules.
+
+    `nn.Module.compile` keeps the module and its parameter names, so state dicts are unchanged.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is unknown (known: {', '.join(COMPILE_MODES)})")
+    if mode == "none":
+        return 0
+    targets = list(model.blocks) if mode == "blocks" else [model]
+    for module in targets:
+        module.compile(backend=backend)
+    log.info("torch.compile (%s, backend %s): %d module(s)", mode, backend, len(targets))
+    return len(targets)

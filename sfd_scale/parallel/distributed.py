@@ -1,0 +1,177 @@
+"""Process groups and the few collectives the trainer and engines need.
+
+Every helper here also works with no process group (a plain single-process run): reductions
+return their input, broadcasts return the caller's value, barriers return at once. So library
+code calls them unconditionally and stays free of `if distributed:` branches.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from sfd_scale.parallel.dims import ParallelDims
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+INIT_TIMEOUT = timedelta(minutes=30)
+"""Long enough for rank 0 to verify a large checkpoint while the others wait in a collective."""
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """auto: nccl for CUDA devices, gloo otherwise."""
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"parallel.backend=nccl needs a CUDA device, this run uses {device}")
+    return backend
+
+
+def init_process_group(dims: ParallelDims, backend: str, device: torch.device) -> None:
+    """Join the group described by `dims` (a no-op when one is already initialised).
+
+    A single process gets a group of one on a free local port, so engines that need a group
+    (ddp, fsdp2) also run without a launcher.
+    """
+    if dist.is_initialized():
+        if dist.get_world_size() != dims.world_size or dist.get_rank() != dims.rank:
+            raise RuntimeError(f"a process group already exists with rank {dist.get_rank()} of "
+                               f"{dist.get_world_size()}, but this run expects {dims.describe()}")
+        return
+    port = dims.master_port if dims.master_port is not None else free_port()
+    backend = resolve_backend(backend, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://{dims.master_addr}:{port}",
+                            rank=dims.rank, world_size=dims.world_size, timeout=INIT_TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
+    log.info("process group: %s backend, %s", backend, dims.describe())
+
+
+def destroy_process_group() -> None:
+    """Leave the group after a last barrier, so no rank exits while others still communicate."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0 and let the kernel choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _reduce_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduced copy of a small float tensor over all ranks (op: sum, max)."""
+    if not dist.is_initialized():
+        return values.clone()
+    out = values.detach().to(_reduce_device(), torch.float64, copy=True)
+    dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return out.to(values.device, values.dtype)
+
+
+def mean_over_ranks(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Average each scalar over all ranks in one collective (every rank must pass the same keys)."""
+    if not dist.is_initialized():
+        return dict(metrics)
+    keys = sorted(metrics)
+    summed = all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+    return {k: float(v) / world_size() for k, v in zip(keys, summed.tolist())}
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """`obj` from rank `src` on every rank (picklable objects only)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_reduce_device())
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 and hand its result, or the exception it raised, to every rank."""
+    result: tuple[bool, Any] = (True, None)
+    if rank() == 0:
+        try:
+            result = (True, fn())
+        except Exception as err:  # every rank re-raises it below
+            result = (False, err)
+    ok, value = broadcast_object(result)
+    if not ok:
+        raise value  # on other ranks: rank 0's exception, unpickled
+    return value
+
+
+def raise_if_any_failed(error: BaseException | None, what: str) -> None:
+    """Collective: if any rank passes an error, every rank raises, naming the failing ranks."""
+    errors = all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    failed = {r: e for r, e in enumerate(errors) if e is not None}
+    if failed:
+        detail = "; ".join(f"rank {r}: {e}" for r, e in failed.items())
+        if error is not None:
+            raise RuntimeError(f"{what} failed on {len(failed)} rank(s): {detail}") from error
+        raise RuntimeError(f"{what} failed on {len(failed)} rank(s): {detail}")
+
+
+def clip_grads_and_check(grads: list[torch.Tensor], max_norm: float, loss: torch.Tensor,
+                         sharded: bool) -> tuple[float, bool]:
+    """Global gradient norm over every rank, clipping in place; (norm, all ranks finite).
+
+    `grads` are this rank's gradient tensors: whole and identical on every rank (`sharded`
+    False: DDP, where only the loss check needs a collective) or disjoint shards (`sharded`
+    True: FSDP, whose squared norms add up over ranks). The loss and norm checks are reduced
+    over all ranks, so every rank skips (or takes) the step together. Clipping uses torch's
+    formula: scale by min(1, max_norm / (norm + 1e-6)); nothing is scaled when not finite.
+    """
+    device = grads[0].device if grads else loss.device
+    if grads:
+        norms = torch._foreach_norm(grads)
+        sq = torch.stack([n.float() for n in norms]).pow(2).sum()
+    else:
+        sq = torch.zeros((), device=device)
+    bad_loss = (~torch.isfinite(loss.detach().float())).float().to(device)
+    if sharded:
+        sq, bad = all_reduce(torch.stack([sq, bad_loss])).unbind(0)
+    else:
+        bad = all_reduce(bad_loss.reshape(1), op="max")[0]
+    norm = sq.sqrt()
+    finite = bool(bad.item() == 0) and bool(torch.isfinite(norm).item())
+    if finite and max_norm > 0 and grads:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return float(norm), finite

@@ -1,0 +1,167 @@
+"""FSDP2 engine: parameters, gradients, optimizer state and EMA sharded over the data-parallel ranks.
+
+`fully_shard` is applied to every block, then to the root (embedders, final layer, REPA
+projector): a block's parameters are all-gathered just before it runs and freed after, and its
+gradients are reduce-scattered as soon as its backward is done. On CUDA the gathered
+parameters are bf16 and gradients are reduced in fp32; on CPU everything stays fp32.
+
+The EMA is kept sharded exactly like the parameters: one local tensor per parameter shard,
+updated with a single foreach lerp on local shards (no communication); it is gathered only for
+export and previews. Checkpoints are torch.distributed.checkpoint (DCP) folders, which reshard
+on load, so a run resumes on any number of ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from sfd_scale.config import ModelConfig, OptimConfig
+from sfd_scale.models.lightningdit import LightningDiT, build_model
+from sfd_scale.parallel.checkpointing import clean_name
+from sfd_scale.parallel.dims import ParallelDims
+from sfd_scale.parallel.distributed import clip_grads_and_check
+from sfd_scale.parallel.engine import Engine, StepStats
+from sfd_scale.train.optim import build_optimizer, set_lr
+
+log = logging.getLogger(__name__)
+
+DCP_DIR = "dcp"
+"""Sub-folder of a step folder holding the DCP shards and metadata."""
+
+
+def mixed_precision(precision: str, device: torch.device) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction on GPU (SPEC recipe); fp32 on CPU unless asked."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model: LightningDiT, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:
+    """fully_shard every block, then the root for the remaining parameters."""
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+    # The root's parameters (embedders, final layer, REPA projector) are needed at both ends of
+    # the forward; resharding them after forward would gather them twice per step for little memory.
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+
+
+class ShardedEMA:
+    """EMA of sharded parameters, held as DTensors placed like the parameters."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"train.ema_decay must lie in [0, 1], got {decay}")
+        self.decay = decay
+        self.names = [name for name, _ in named_params]
+        self.tensors: list[DTensor] = [p.detach().clone() for _, p in named_params]
+        self._local = [t.to_local() for t in self.tensors]  # views: updates land in the DTensors
+
+    @torch.no_grad()
+    def update(self, params: list[nn.Parameter]) -> None:
+        torch._foreach_lerp_(self._local, [p.to_local() for p in params], 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, DTensor]:
+        return dict(zip(self.names, self.tensors))
+
+
+class FSDP2Engine(Engine):
+    """fully_shard per block + root over the data-parallel mesh; sharded AdamW and EMA; DCP files."""
+
+    layout = "dcp"  # type: ignore[assignment]
+
+    def __init__(self, model: LightningDiT, model_cfg: ModelConfig, optim_cfg: OptimConfig,
+                 ema_decay: float, precision: str, dims: ParallelDims, device: torch.device) -> None:
+        if dims.tp != 1:
+            raise ValueError(f"the fsdp2 engine shards over data parallelism only; got {dims.describe()}")
+        self.model_cfg = model_cfg
+        self.optim_cfg = optim_cfg
+        self.device = device
+        self.mesh = init_device_mesh(device.type, (dims.dp,), mesh_dim_names=("dp",))
+        shard_model(model, self.mesh, mixed_precision(precision, device))
+        self.model = model
+        named = [(clean_name(n), p) for n, p in model.named_parameters()]
+        self.params = [p for _, p in named]
+        self.ema = ShardedEMA(named, ema_decay)
+        self.optimizer = build_optimizer(model, optim_cfg, device)
+
+    def unwrap(self) -> nn.Module:
+        return self.model
+
+    def ema_model(self) -> nn.Module:
+        _, ema = self.consolidated_state()
+        module = build_model(self.model_cfg).to(self.device).eval().requires_grad_(False)
+        module.load_state_dict(ema, strict=True)
+        return module
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
+        # Non-final micro-batches keep their (unsharded) gradients local: no reduce-scatter.
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float, loss: torch.Tensor) -> StepStats:
+        grads = [p.grad.to_local() for p in self.params if p.grad is not None]
+        grad_norm, finite = clip_grads_and_check(grads, self.optim_cfg.max_grad_norm, loss, sharded=True)
+        if not finite:
+            return StepStats(grad_norm, skipped=True)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.ema.update(self.params)
+        return StepStats(grad_norm, skipped=False)
+
+    def _dcp_state(self) -> dict:
+        return {"model": get_model_state_dict(self.model),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
+                "ema": self.ema.state_dict()}
+
+    def save(self, folder: Path) -> None:
+        dcp.save(self._dcp_state(), checkpoint_id=str(folder / DCP_DIR))
+
+    def load(self, folder: Path) -> None:
+        state = self._dcp_state()
+        dcp.load(state, checkpoint_id=str(folder / DCP_DIR))  # fills the EMA DTensors in place
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+
+    def consolidated_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        # One tensor at a time, so gathering never holds more than one full parameter on the device.
+        model = {k: _full(v) for k, v in self.model.state_dict().items()}
+        ema = dict(model)  # buffers (RoPE tables) are constants shared by both
+        ema.update({k: _full(v) for k, v in self.ema.state_dict().items()})
+        return model, ema
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+
+
+def read_consolidated(folder: Path, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Full (model, EMA) state dicts from a step folder written by FSDP2Engine, in this process
+    alone (no process group: DCP reshards the saved shards into whole tensors)."""
+    plain = build_model(model_cfg)
+    model = {k: torch.empty_like(v) for k, v in plain.state_dict().items()}
+    ema = {name: torch.empty_like(p) for name, p in plain.named_parameters()}
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load({"model": model, "ema": ema}, checkpoint_id=str(folder / DCP_DIR), no_dist=True)
+    return model, {**model, **ema}

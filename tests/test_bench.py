@@ -1,0 +1,98 @@
+"""The training-step benchmark: FLOP count against a hand count and SPEC section 6, the datasheet
+table, synthetic batches, and the launcher end to end on a tiny model (CPU)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfd_scale.bench import (
+    SYNTHETIC_DATA,
+    BenchOptions,
+    bench_config,
+    count_step_flops,
+    datasheet_peak_tflops,
+    synthetic_batch,
+)
+from sfd_scale.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "model.size=custom", "--set", "model.depth=2", "--set", "model.hidden_size=32",
+        "--set", "model.num_heads=2", "--set", "model.input_size=4", "--set", "model.in_channels=6",
+        "--set", "model.semantic_channels=2", "--set", "model.num_classes=5",
+        "--set", "model.repa_projector_dim=16", "--set", "model.repa_feature_dim=8"]
+
+
+def tiny_model(**kw) -> ModelConfig:
+    base = dict(size="custom", depth=2, hidden_size=32, num_heads=2, input_size=4, in_channels=6,
+                semantic_channels=2, num_classes=5, repa_depth=1, repa_projector_dim=16, repa_feature_dim=8)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_step_flops_equal_a_hand_count():
+    b, d, n, c, p, f, depth = 3, 32, 16, 6, 16, 8, 2
+    hidden = int(2 / 3 * 4 * d)                     # SwiGLU width
+    # Matmuls whose input needs a gradient cost 3x their forward (forward, grad input, grad weight);
+    # the patchify conv and the first timestep layers (inputs without gradient) cost 2x.
+    per_block = 2 * b * d * 6 * d + 2 * b * n * d * (3 * d + d + 2 * hidden) + 2 * b * n * hidden * d
+    three = (2 * 2 * b * (d // 2) ** 2 + depth * per_block + 2 * b * d * 2 * d + 2 * b * n * d * c
+             + 2 * b * n * (d * p + p * p + p * f))
+    two = 2 * b * n * c * d + 2 * 2 * b * 256 * (d // 2)
+    # Attention as the flash kernel is counted: 2 batched matmuls forward, 5 backward.
+    attention = depth * 7 * 2 * b * n * n * d
+    assert count_step_flops(tiny_model(), b, with_repa=True) == 3 * three + 2 * two + attention
+
+
+def test_xxl_step_flops_match_spec_section_6():
+    assert round(count_step_flops(ModelConfig(size="XXL"), 32, with_repa=True) / 1e12, 2) == 34.99
+
+
+@pytest.mark.parametrize("name,dtype,peak", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4),
+    ("NVIDIA H200", torch.bfloat16, 989.4),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756.0),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, None),
+    ("NVIDIA H100 80GB HBM3", torch.float32, None),
+    ("cpu", torch.float32, None),
+])
+def test_datasheet_peak(name, dtype, peak):
+    assert datasheet_peak_tflops(name, dtype) == peak
+
+
+def test_config_without_data_and_synthetic_batch_shapes():
+    cfg = bench_config(None, ["model.size=custom", "model.depth=1", "model.hidden_size=32",
+                              "model.num_heads=2", "model.input_size=8", "model.patch_size=2"])
+    assert cfg.data.data_dir == SYNTHETIC_DATA and cfg.model.depth == 1
+    x, y, feats = synthetic_batch(cfg.model, 3, torch.device("cpu"))
+    assert x.shape == (3, 48, 8, 8) and feats.shape == (3, 768, 4, 4)     # DINO features per token
+    assert y.dtype == torch.int64 and int(y.max()) < cfg.model.num_classes
+    with pytest.raises(ValueError, match="compile 'graph' is unknown"):
+        BenchOptions(compile="graph")
+
+
+def test_launcher_times_the_step_and_writes_the_json(tmp_path):
+    out = tmp_path / "bench.json"
+    args = [*TINY, "--device", "cpu", "--batch-size", "4", "--warmup", "1", "--steps", "3", "--json", str(out)]
+    done = subprocess.run([sys.executable, "launchers/bench.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| configured | sdpa | none | no |" in done.stdout and "| plain eager |" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["batch_size"] == 4 and report["precision"] == "float32"
+    assert report["step_tflop"] * 1e12 == count_step_flops(tiny_model(), 4, with_repa=True)
+    assert report["datasheet_peak_tflops_per_s"] is None and report["matmul_ceiling_tflops_per_s"] > 0
+    for run in (report, report["baseline"]):
+        assert len(run["step_s_all"]) == 3 and run["peak_mem_gib"] is None
+        assert run["step_s_median"] == sorted(run["step_s_all"])[1]
+        assert run["images_per_s"] == pytest.approx(4 / run["step_s_median"])
+        assert run["tflops_per_s"] == pytest.approx(report["step_tflop"] / run["step_s_median"])
+        assert run["mfu"]["vs_measured_ceiling"] == pytest.approx(
+            run["tflops_per_s"] / report["matmul_ceiling_tflops_per_s"])
+        assert run["mfu"]["vs_datasheet_peak"] is None
+    assert report["baseline"]["attention"] == "sdpa" and report["baseline"]["compile"] == "none"
+    ratio = report["images_per_s"] / report["baseline"]["images_per_s"]
+    assert report["speedup_vs_baseline"] == pytest.approx(ratio)
+    assert report["command"].startswith("python launchers/bench.py --set model.size=custom")

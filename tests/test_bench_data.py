@@ -1,0 +1,71 @@
+"""launchers/bench_data.py on tiny shards: the shards it makes, the JSON it prints, its sums."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfd_scale.data.loader import LatentShardDataset
+from sfd_scale.data.loader_bench import PerSampleReader, make_bench_shards
+from sfd_scale.data.shards import read_stats, validate_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
+import bench_data  # noqa: E402
+
+TINY = ["--shards", "2", "--per-shard", "24", "--texture-channels", "4", "--semantic-channels", "2",
+        "--dino-channels", "8", "--latent-size", "4", "--batch-size", "8"]
+
+
+def test_bench_prints_rates_ratios_and_extrapolation(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    result = bench_data.main(["--dir", str(tmp_path / "shards"), *TINY, "--seconds", "0.6",
+                              "--repeats", "2", "--json", str(out)])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == result == json.loads(out.read_text())
+
+    assert result["samples_in_set"] == 48 and result["batch_size"] == 8
+    assert result["sample_shapes"] == {"x": [6, 4, 4], "feats_dino": [8, 4, 4]}
+    # texture 4x16 + semantic 2x16 float32, DINO 8x16 float16, label int64
+    assert result["bytes_per_sample_read"] == 64 * 4 + 32 * 4 + 128 * 2 + 8
+    rates = result["samples_per_s"]
+    assert set(rates) == {"per_sample", "loader", "loader_gpu_host_path", "copy_ceiling"}
+    for name, rate in rates.items():
+        assert rate > 0 and len(result["samples_per_s_repeats"][name]) == 2
+        assert min(result["samples_per_s_repeats"][name]) <= rate <= max(result["samples_per_s_repeats"][name])
+    assert result["ratio_loader_vs_per_sample"] == pytest.approx(rates["loader"] / rates["per_sample"], abs=0.01)
+    assert result["ratio_gpu_host_path_vs_per_sample"] == pytest.approx(
+        rates["loader_gpu_host_path"] / rates["per_sample"], abs=0.01)
+    node = result["per_node"]
+    best = max(rates["loader"], rates["loader_gpu_host_path"])
+    assert node["ranks_per_node"] == 8 and node["target"] == 16_000
+    assert node["extrapolated_samples_per_s"] == pytest.approx(8 * best, rel=1e-3)
+    assert node["meets_target"] == (node["extrapolated_samples_per_s"] >= 16_000)
+    assert result["machine"]["cpus"] >= 1 and "assumption" in node
+
+
+def test_bench_shards_have_the_reference_layout_and_are_reused(tmp_path):
+    root = make_bench_shards(tmp_path, num_shards=2, per_shard=5, texture_channels=3, semantic_channels=2,
+                             dino_channels=6, latent_size=2)
+    infos = [validate_shard(p) for p in sorted(root.glob("*.safetensors"))]
+    assert [i.path.name for i in infos] == ["latents_rank00_shard000.safetensors",
+                                           "latents_rank00_shard001.safetensors"]
+    assert infos[0].shapes["latents_flip"] == (5, 3, 2, 2) and infos[0].dtypes["feats_dino"] == "F16"
+    assert read_stats(root, "latents_sv")[0].shape == (1, 2, 1, 1)
+    stamp = infos[0].path.stat().st_mtime_ns
+    make_bench_shards(tmp_path, num_shards=2, per_shard=5, texture_channels=3, semantic_channels=2,
+                      dino_channels=6, latent_size=2)
+    assert infos[0].path.stat().st_mtime_ns == stamp
+
+
+def test_per_sample_reader_equals_the_loader_sample_by_sample(tmp_path):
+    root = make_bench_shards(tmp_path, num_shards=2, per_shard=6, texture_channels=3, semantic_channels=2,
+                             dino_channels=5, latent_size=2)
+    reader, dataset = PerSampleReader(root), LatentShardDataset(root)
+    indices, flip = torch.tensor([11, 0, 6, 5]), torch.tensor([True, False, True, False])
+    for got, want in zip(reader.batch(indices, flip), dataset.gather(indices, flip)):
+        assert torch.equal(got, want)
+    # The flipped copy really differs from the stored one.
+    assert not torch.equal(reader.item(3, True)[0], reader.item(3, False)[0])
