@@ -28,7 +28,8 @@ setup(
         "omegaconf>=2.3,<3",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # Triton runs the kernel tests on CPU in its interpreter (TRITON_INTERPRET=1).
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "triton==3.9.0; platform_system == 'Linux'"],
         # Distributed engines (tested on CPU with gloo): DeepSpeed ZeRO and megatron-core TP.
         "engines": ["deepspeed==0.19.8", "megatron-core==0.16.1"],
         # GPU-only fast paths; each is optional and has a plain-PyTorch twin.

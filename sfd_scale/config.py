@@ -55,8 +55,12 @@ class ModelConfig:
     repa_projector_dim: int = 2048
     repa_feature_dim: int = 768
     """Width of the REPA target (DINOv2 ViT-B/14: 768)."""
-    attention: Literal["auto", "sdpa", "math"] = "auto"
-    """Attention kernel; 'auto' picks the fastest available at start-up."""
+    attention: Literal["auto", "flash3", "flash2", "xformers", "sdpa", "math"] = "auto"
+    """Attention kernel; 'auto' picks the fastest available at start-up (logged once)."""
+    fused_kernels: bool = False
+    """Triton kernels for RMSNorm+AdaLN modulate, SwiGLU and 2-D RoPE (GPU; same numbers)."""
+    compile: Literal["none", "blocks", "model"] = "none"
+    """torch.compile: each block (regional, short compile) or the whole forward."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from sfd_scale.kernels import triton_installed, triton_interpreting
 from sfd_scale.models.layers import ATTENTION_BACKENDS as PLAIN_ATTENTION
-from sfd_scale.models.layers import Rope2D, SwiGLU, attention_sdpa
+from sfd_scale.models.layers import RMSNorm, Rope2D, SwiGLU, attention_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -169,27 +169,34 @@ def _autocast_out_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def apply_fused_kernels(model: nn.Module, device: torch.device) -> int:
-    """Put the Triton SwiGLU and RoPE kernels into `model`'s slots in place; returns how many
+    """Put the Triton RMSNorm+modulate, SwiGLU and RoPE kernels into `model`'s slots in place; returns how many
     modules now use one. Raises ValueError when they cannot run on `device`."""
     reason = fused_kernels_unavailable(device)
     if reason is not None:
         raise ValueError(f"fused kernels were asked for but cannot run: {reason}")
     # Imported here, once Triton is known to be usable (and, on the CPU, to be interpreted).
+    from sfd_scale.kernels.rmsnorm_modulate import rmsnorm_modulate
     from sfd_scale.kernels.rope import rope
     from sfd_scale.kernels.swiglu import swiglu
 
     def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return rope(x, cos, sin, out_dtype=_autocast_out_dtype(x))
 
+    def fused_norm_modulate(x, weight, shift, scale, eps):
+        return rmsnorm_modulate(x, weight, shift, scale, eps, out_dtype=_autocast_out_dtype(x))
+
     swapped = 0
     for module in model.modules():
-        if isinstance(module, SwiGLU):
+        if isinstance(module, RMSNorm):
+            module.modulate_fn = fused_norm_modulate
+            swapped += 1
+        elif isinstance(module, SwiGLU):
             module.activation = swiglu
             swapped += 1
         elif isinstance(module, Rope2D):
             module.rotate = fused_rope
             swapped += 1
-    log.info("fused Triton kernels: SwiGLU activation and 2-D RoPE in %d modules%s", swapped,
+    log.info("fused Triton kernels: RMSNorm+modulate, SwiGLU activation and 2-D RoPE in %d modules%s", swapped,
              " (Triton interpreter)" if device.type != "cuda" else "")
     return swapped
 

@@ -24,16 +24,31 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # Slot for a fused kernel (sfd_scale.models.fast_paths); a plain attribute, not state.
+        self.modulate_fn: Callable[..., torch.Tensor] = _norm_then_modulate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """modulate(self(x), shift, scale): the AdaLN input of a block, one fusable unit."""
+        return self.modulate_fn(x, self.weight, shift, scale, self.eps)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN modulation: x (B, N, D), shift/scale (B, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, rounded back to x's dtype before the weight (as the reference does)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def _norm_then_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor,
+                        scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return modulate(rms_norm(x, weight, eps), shift, scale)
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:

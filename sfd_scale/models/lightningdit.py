@@ -18,7 +18,7 @@ import torch.nn as nn
 from sfd_scale.config import ModelConfig
 from sfd_scale.models.weights import load_strict, read_state_dict
 from sfd_scale.models.layers import (DENSE, Attention, LabelEmbedder, LinearSpec, RMSNorm, Rope2D,
-                                     SwiGLU, TimestepEmbedder, modulate, resolve_attention,
+                                     SwiGLU, TimestepEmbedder, resolve_attention,
                                      sincos_pos_embed_2d)
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ class LightningDiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Rope2D) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope)
-        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        x = x + gate_a.unsqueeze(1) * self.attn(self.norm1.modulated(x, shift_a, scale_a), rope)
+        x = x + gate_m.unsqueeze(1) * self.mlp(self.norm2.modulated(x, shift_m, scale_m))
         return x
 
 
@@ -80,7 +80,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.norm_final.modulated(x, shift, scale))
 
 
 class PatchEmbed(nn.Module):

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from sfd_scale.config import ModelConfig, SFDConfig, from_dict
 from sfd_scale.models.layers import DENSE, LinearSpec
+from sfd_scale.models.fast_paths import apply_compile, apply_fused_kernels
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.parallel.checkpointing import apply_activation_checkpointing
 from sfd_scale.parallel.ddp import DDPEngine
@@ -33,10 +34,15 @@ from sfd_scale.train.checkpoint import (
 log = logging.getLogger(__name__)
 
 
-def build_training_model(cfg: SFDConfig, linears: LinearSpec = DENSE) -> nn.Module:
-    """LightningDiT in train mode with the configured activation checkpointing applied."""
+def build_training_model(cfg: SFDConfig, linears: LinearSpec = DENSE,
+                         device: torch.device | None = None) -> nn.Module:
+    """LightningDiT in train mode with the configured fast paths, activation checkpointing and
+    compile applied, in that order (torchtitan's order: kernels, then recompute, then compile)."""
     model = build_model(cfg.model, linears).train()
+    if cfg.model.fused_kernels:
+        apply_fused_kernels(model, device or torch.device("cpu"))
     apply_activation_checkpointing(model, cfg.parallel)
+    apply_compile(model, cfg.model.compile)
     return model
 
 
@@ -55,17 +61,17 @@ def build_engine(cfg: SFDConfig, dims: ParallelDims, device: torch.device) -> En
         validate_tensor_parallel(p, cfg.model, dims.world_size)  # before the model is built
         return TensorParallelEngine(build_model(cfg.model).train(), p, optim, decay, device)  # applies AC itself
     if p.engine == "local":
-        return LocalEngine(build_training_model(cfg), optim, decay, device)
+        return LocalEngine(build_training_model(cfg, device=device), optim, decay, device)
     if p.engine == "ddp":
-        return DDPEngine(build_training_model(cfg), optim, decay, device)
+        return DDPEngine(build_training_model(cfg, device=device), optim, decay, device)
     if p.engine == "fsdp2":
         from sfd_scale.parallel.fsdp import FSDP2Engine  # imports DCP, heavy: only when chosen
 
-        return FSDP2Engine(build_training_model(cfg), cfg.model, optim, decay, cfg.train.precision, dims, device)
+        return FSDP2Engine(build_training_model(cfg, device=device), cfg.model, optim, decay, cfg.train.precision, dims, device)
     if p.engine == "deepspeed":
         from sfd_scale.parallel.deepspeed_engine import DeepSpeedEngine  # imports deepspeed when built
 
-        return DeepSpeedEngine(lambda: build_training_model(cfg), cfg, dims, device)
+        return DeepSpeedEngine(lambda: build_training_model(cfg, device=device), cfg, dims, device)
     raise ValueError(f"parallel.engine={p.engine!r} is not available in this build "
                      "(available: local, ddp, fsdp2, deepspeed)")
 
