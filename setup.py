@@ -32,6 +32,8 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "triton==3.9.0; platform_system == 'Linux'"],
         # Distributed engines (tested on CPU with gloo): DeepSpeed ZeRO and megatron-core TP.
         "engines": ["deepspeed==0.19.8", "megatron-core==0.16.1"],
+        # NVIDIA DALI image decoding (GPU `mixed`; CPU-only mode for tests). It pins packaging<=26.3.
+        "dali": ["nvidia-dali-cuda130==2.4.0"],
         # GPU-only fast paths; each is optional and has a plain-PyTorch twin.
         "gpu": ["flash-attn", "xformers"],
     },

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from sfd_scale.data.loader import LatentShardDataset
-from sfd_scale.data.loader_bench import PerSampleReader, make_bench_shards
+from sfd_scale.data.bench import PerSampleReader, make_bench_shards
 from sfd_scale.data.shards import read_stats, validate_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
 import bench_data  # noqa: E402
 
 TINY = ["--shards", "2", "--per-shard", "24", "--texture-channels", "4", "--semantic-channels", "2",
-        "--dino-channels", "8", "--latent-size", "4", "--batch-size", "8"]
+        "--dino-channels", "8", "--latent-size", "4", "--batch-size", "8", "--baseline-batch-size", "4"]
 
 
 def test_bench_prints_rates_ratios_and_extrapolation(tmp_path, capsys):
@@ -26,12 +26,15 @@ def test_bench_prints_rates_ratios_and_extrapolation(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == result == json.loads(out.read_text())
 
-    assert result["samples_in_set"] == 48 and result["batch_size"] == 8
+    assert result["samples_in_set"] == 48 and result["batch_size"] == 8 and result["per_sample_batch_size"] == 4
     assert result["sample_shapes"] == {"x": [6, 4, 4], "feats_dino": [8, 4, 4]}
     # texture 4x16 + semantic 2x16 float32, DINO 8x16 float16, label int64
     assert result["bytes_per_sample_read"] == 64 * 4 + 32 * 4 + 128 * 2 + 8
     rates = result["samples_per_s"]
-    assert set(rates) == {"per_sample", "loader", "loader_gpu_host_path", "copy_ceiling"}
+    cuda = torch.cuda.is_available()
+    assert set(rates) == {"per_sample", "loader", "loader_gpu_host_path", "copy_ceiling"} | (
+        {"loader_to_device"} if cuda else set())
+    assert result["device"] == ("cuda" if cuda else None)
     for name, rate in rates.items():
         assert rate > 0 and len(result["samples_per_s_repeats"][name]) == 2
         assert min(result["samples_per_s_repeats"][name]) <= rate <= max(result["samples_per_s_repeats"][name])
@@ -69,3 +72,22 @@ def test_per_sample_reader_equals_the_loader_sample_by_sample(tmp_path):
         assert torch.equal(got, want)
     # The flipped copy really differs from the stored one.
     assert not torch.equal(reader.item(3, True)[0], reader.item(3, False)[0])
+
+
+def test_decode_bench_times_each_backend_against_pil(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs" / "c").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "c" / f"{i}.jpg")
+    result = bench_data.main(["--decode-images", str(tmp_path / "imgs"), "--decoders", "pil", "--device", "cpu",
+                              "--image-size", "16", "--batch-size", "2", "--seconds", "0.3", "--threads", "0"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result["images"] == 3 and result["image_size"] == 16 and result["batch_size"] == 2
+    pil = result["backends"]["pil"]
+    assert pil["decoder"] == "pil" and pil["images_per_s"] > 0
+    assert pil["vs_pil_levels"] == {"max": 0.0, "mean": 0.0, "fraction_over_1": 0.0}
+    with pytest.raises(SystemExit, match="give --dir"):
+        bench_data.main([])

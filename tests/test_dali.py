@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is optional (pip install nvidia-dali-cuda130)")
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is optional (pip install nvidia-dali-cuda130)",
+                    exc_type=ImportError)
 
 from sfd_scale.data import dali_pipeline  # noqa: E402
 from sfd_scale.data.dali_pipeline import DaliDecoder, box_halving_layout, dali_reader_batches  # noqa: E402
@@ -224,3 +225,13 @@ def test_extraction_with_the_dali_cpu_decoder(tmp_path, decoders):
         for key in ("latents", "latents_flip", "latents_sv_flip"):
             # Means of 256 pixels: far inside the per-pixel tolerance.
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=MEAN_LEVELS / 127.5 * 4)
+
+
+def test_decode_bench_reports_dali_cpu_against_pil(tmp_path):
+    from sfd_scale.data.bench import run_decode_benchmark
+
+    result = run_decode_benchmark(_sample_jpegs(), image_size=64, batch_size=2, backends=("pil", "dali-cpu"),
+                                  device="cpu", num_workers=1, seconds=0.3)
+    dali = result["backends"]["dali-cpu"]
+    assert dali["decoder"] == "dali-cpu" and dali["images_per_s"] > 0
+    assert dali["vs_pil_levels"]["max"] <= MAX_LEVELS and dali["vs_pil_levels"]["mean"] <= MEAN_LEVELS

@@ -301,8 +301,8 @@ class ShardLoader:
             them, or the stored float16 for consumers that widen them on their own device.
 
     Host buffers are reused from a ring of `prefetch + 2` sets when nothing refers to them any
-    more (fresh memory is page-faulted in, which costs more than the read itself); a batch the
-    caller still holds is never overwritten.
+    more (fresh memory is page-faulted in, which costs more than the read
+    itself); a batch the caller still holds is never overwritten.
     """
 
     def __init__(
@@ -344,7 +344,7 @@ class ShardLoader:
         self.epoch = 0
         self.position = 0  # entries of this epoch's global order consumed by all ranks together
         self._plan_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        self._ring: dict[int, HostBatch] = {}
+        self._idle_ring: dict[int, HostBatch] | None = None  # buffers of the last finished epoch
 
     @property
     def global_batch_size(self) -> int:
@@ -377,14 +377,16 @@ class ShardLoader:
         pool = (ThreadPoolExecutor(self.num_threads, "shard-reader", initializer=_one_intraop_thread)
                 if self.prefetch else None)
         pending: collections.deque[Future] = collections.deque()
+        # Buffers carry over from epoch to epoch, but two live iterators never share them.
+        ring, self._idle_ring = self._idle_ring or {}, None
         try:
             for i, block in enumerate(blocks):
                 if pool is None:
-                    host = self._read(i, order[block], flip[block])
+                    host = self._read(ring, i, order[block], flip[block])
                 else:
                     while len(pending) <= self.prefetch and i + len(pending) < len(blocks):
                         j = i + len(pending)
-                        pending.append(pool.submit(self._read, j, order[blocks[j]], flip[blocks[j]]))
+                        pending.append(pool.submit(self._read, ring, j, order[blocks[j]], flip[blocks[j]]))
                     host = pending.popleft().result()
                 batch = self._deliver(host)
                 self.position += self.global_batch_size
@@ -396,23 +398,25 @@ class ShardLoader:
                 future.cancel()
             if pool is not None:
                 pool.shutdown(wait=True)  # no thread may still write into a buffer we hand out
+            self._idle_ring = ring
 
-    def _read(self, step: int, indices: torch.Tensor, flip: torch.Tensor) -> HostBatch:
-        host = self._host_batch(step)
+    def _read(self, ring: dict[int, HostBatch], step: int, indices: torch.Tensor,
+              flip: torch.Tensor) -> HostBatch:
+        host = self._host_batch(ring, step)
         if host.ready is not None:
             host.ready.synchronize()  # the previous device copy out of this buffer is done
         self.dataset.gather_into(host, indices, flip)
         return host
 
-    def _host_batch(self, step: int) -> HostBatch:
+    def _host_batch(self, ring: dict[int, HostBatch], step: int) -> HostBatch:
         # A CUDA device gets the stored dtype and widens after the copy.
         feats_dtype = self.dataset.dino_storage_dtype if self._cuda else self.feats_dtype
         # Slot `step % ring` last held batch step - ring, which is no longer in flight.
         slot = step % (self.prefetch + 2)
-        host = self._ring.get(slot)
+        host = ring.get(slot)
         if host is None or not host.unused():
             host = self.dataset.new_host_batch(self.batch_size, feats_dtype, pin_memory=self._cuda)
-            self._ring[slot] = host
+            ring[slot] = host
         return host
 
     def _deliver(self, host: HostBatch) -> Batch:

@@ -1,4 +1,6 @@
-"""Loader throughput, measured against a reader that opens the shard file for every sample.
+"""Data pipeline throughput: the shard loader and image decoding.
+
+Loader: measured against a reader that opens the shard file for every sample.
 
 `PerSampleReader` reads one sample at a time through `safetensors.safe_open`, opening the shard
 for each item as the reference `ImgLatentDataset` does, and batches with `torch.stack` like a
@@ -7,6 +9,9 @@ shards, in the same global order, alternating the two so that machine load hits 
 after checking that both deliver identical tensors. A third figure times one memory copy per
 sample (rows of in-memory arrays into a reused buffer): the ceiling of any loader on the
 machine.
+
+Decoding (`run_decode_benchmark`): images/s of each decoder backend (`images.select_decoder`)
+on the same files, and the pixel difference of each backend's crops against the PIL path.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
+from .images import select_decoder
 from .loader import LatentShardDataset, ShardLoader
 from .shards import (
     DINO_KEY,
@@ -133,8 +139,18 @@ def run_loader_benchmark(
     repeats: int = 3,
     num_threads: int = 2,
     prefetch: int = 2,
+    baseline_batch_size: int = 32,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Samples/s of the per-sample reader and of our loader on `data_dir`, and their ratio.
+
+    With a CUDA `device`, a fourth run times the whole device path (pinned staging, copy,
+    DINO widening on the GPU, synchronized per batch) after checking that its first batch equals
+    the CPU loader's.
+
+    The per-sample reader collates `baseline_batch_size` samples per batch, the reference's
+    DataLoader setting: at 256 its fresh 200 MB batches would be page-faulted in, slowing it
+    down by half on small machines, and the ratio would flatter us.
 
     Our loader is timed in two settings: with the reference's output (float32 DINO features)
     and as the host side of GPU training (DINO features left in float16, widened on the GPU
@@ -158,11 +174,11 @@ def run_loader_benchmark(
     state = {"per_sample": 0}
 
     def per_sample_run() -> int:
-        start = state["per_sample"] % (len(dataset) - batch_size + 1)
-        block = slice(start, start + batch_size)
+        start = state["per_sample"] % (len(dataset) - baseline_batch_size + 1)
+        block = slice(start, start + baseline_batch_size)
         reader.batch(order[block], flip[block])
-        state["per_sample"] += batch_size
-        return batch_size
+        state["per_sample"] += baseline_batch_size
+        return baseline_batch_size
 
     def loader_run(**kwargs: Any) -> Callable[[], int]:
         loader = ShardLoader(dataset, batch_size, seed=0, prefetch=prefetch, num_threads=num_threads, **kwargs)
@@ -180,6 +196,20 @@ def run_loader_benchmark(
         "loader_gpu_host_path": loader_run(feats_dtype=torch.float16),
         "copy_ceiling": copy_run,
     }
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        on_device = next(iter(ShardLoader(dataset, batch_size, seed=0, device=device)))
+        on_host = next(iter(ShardLoader(dataset, batch_size, seed=0, prefetch=0)))
+        for a, b, name in zip(on_device, on_host, ("x", "y", "feats_dino")):
+            if a.device.type != "cuda" or not torch.equal(a.cpu(), b):
+                raise RuntimeError(f"the {device} loader path disagrees with the CPU loader on '{name}'")
+        to_device = loader_run(device=device)
+
+        def device_run() -> int:
+            n = to_device()
+            torch.cuda.synchronize(device)
+            return n
+        runs["loader_to_device"] = device_run
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -199,12 +229,14 @@ def run_loader_benchmark(
             "feats_dino": [dataset.dino_channels, *dataset.latent_hw],
         },
         "batch_size": batch_size,
+        "per_sample_batch_size": baseline_batch_size,
         "loader_threads": num_threads,
         "prefetch": prefetch,
         "samples_per_s": {name: round(v, 1) for name, v in median.items()},
         "samples_per_s_repeats": {name: [round(v, 1) for v in vs] for name, vs in rates.items()},
         "ratio_loader_vs_per_sample": round(median["loader"] / median["per_sample"], 2),
         "ratio_gpu_host_path_vs_per_sample": round(median["loader_gpu_host_path"] / median["per_sample"], 2),
+        "device": str(device) if "loader_to_device" in runs else None,
         "per_node": {
             "ranks_per_node": RANKS_PER_NODE,
             "extrapolated_samples_per_s": round(best_loader * RANKS_PER_NODE, 1),
@@ -247,3 +279,59 @@ def _copy_ceiling(dataset: LatentShardDataset, order: torch.Tensor, flip: torch.
         state["start"] += batch_size
         return batch_size
     return run
+
+
+def run_decode_benchmark(
+    paths: list[Path],
+    image_size: int = 256,
+    batch_size: int = 64,
+    backends: tuple[str, ...] = ("pil", "dali"),
+    device: torch.device | str = "cpu",
+    num_workers: int = 4,
+    seconds: float = 10.0,
+) -> dict[str, Any]:
+    """Images/s of each decoder backend on `paths` (cycled), and its crops against PIL's.
+
+    The difference is in uint8 levels over the first batch: max, mean and the fraction of
+    values more than one level apart.
+    """
+    if not paths:
+        raise ValueError("run_decode_benchmark needs at least one image")
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    reference = select_decoder("pil", image_size, batch_size, "cpu", num_workers)
+    first = reference.decode(batches[0]).images
+    reference.close()
+    results: dict[str, Any] = {}
+    for backend in backends:
+        decoder = select_decoder(backend, image_size, batch_size, device, num_workers)
+        state = {"i": 0}
+
+        def run() -> int:
+            batch = decoder.decode(batches[state["i"] % len(batches)])
+            state["i"] += 1
+            if batch.images.is_cuda:
+                torch.cuda.synchronize(batch.images.device)
+            return batch.images.shape[0]
+
+        got = decoder.decode(batches[0]).images.cpu()  # also builds the pipeline, untimed
+        levels = ((got - first).abs() * 127.5).round() if got.shape == first.shape else None
+        rate = _rate(run, seconds)
+        decoder.close()
+        results[backend] = {
+            "decoder": decoder.name,
+            "images_per_s": round(rate, 1),
+            "vs_pil_levels": None if levels is None else {
+                "max": float(levels.max()), "mean": round(float(levels.mean()), 4),
+                "fraction_over_1": round(float((levels > 1).float().mean()), 6)},
+        }
+    return {
+        "what": "image_decode_benchmark",
+        "images": len(paths),
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "workers": num_workers,
+        "device": str(device),
+        "backends": results,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+    }
