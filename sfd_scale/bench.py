@@ -138,7 +138,16 @@ def build_model_meta(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def count_step_flops(cfg: ModelConfig, batch_size: int, with_repa: bool) -> int:
-    """Model FLOPs of one training forward + backward (see the module docstring), on meta tensors."""
+    """Model FLOPs of one training forward + backward (see the module docstring), on meta tensors.
+
+    Draws nothing from the global generators (label dropout would), so counting inside a
+    resumed run leaves its random stream exactly where the checkpoint put it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return _count_step_flops(cfg, batch_size, with_repa)
+
+
+def _count_step_flops(cfg: ModelConfig, batch_size: int, with_repa: bool) -> int:
     model = build_model_meta(cfg)
     with torch.device("meta"):
         x = torch.empty(batch_size, cfg.in_channels, cfg.input_size, cfg.input_size)

@@ -127,6 +127,37 @@ class TrainConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Numerical guard (train/guards.py). Non-finite steps are always skipped and counted; these
+    settings add rollback and loss-spike detection (the defaults leave both off)."""
+
+    rollback_after: int = 0
+    """Consecutive bad steps (non-finite loss or gradient norm, or loss spikes) after which model,
+    EMA and optimizer go back to the last good checkpoint; 0 never rolls back."""
+    rollback_lr_factor: float = 1.0
+    """Learning-rate multiplier applied at each rollback (e.g. 0.5); it compounds."""
+    max_rollbacks: int = 3
+    """A run that needs more rollbacks than this stops with an error: it needs a person."""
+    spike_factor: float = 0.0
+    """A loss (averaged over ranks) above spike_factor x the mean of the last spike_window good
+    steps is a spike: logged, counted and a bad step (its update is kept); 0 disables detection."""
+    spike_window: int = 50
+    """Good steps the spike reference averages over; detection starts once the window is full."""
+
+    def __post_init__(self) -> None:
+        if self.rollback_after < 0:
+            raise ValueError(f"rollback_after={self.rollback_after} must be >= 0 (0: never roll back)")
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            raise ValueError(f"rollback_lr_factor={self.rollback_lr_factor} must lie in (0, 1]")
+        if self.max_rollbacks < 1:
+            raise ValueError(f"max_rollbacks={self.max_rollbacks} must be >= 1")
+        if self.spike_factor != 0.0 and self.spike_factor <= 1.0:
+            raise ValueError(f"spike_factor={self.spike_factor} must be 0 (off) or greater than 1")
+        if self.spike_window < 1:
+            raise ValueError(f"spike_window={self.spike_window} must be >= 1")
+
+
+@dataclass
 class ParallelConfig:
     """Which engine trains the model across processes, and how memory is traded for compute."""
 
@@ -219,6 +250,7 @@ class SFDConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

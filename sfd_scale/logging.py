@@ -18,6 +18,7 @@ import os
 import secrets
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,10 @@ class MetricsLogger:
     sets WANDB_DIR, WANDB_CACHE_DIR, WANDB_CONFIG_DIR and WANDB_DATA_DIR for the process), and
     the wandb run id is stored in `run_dir/wandb_run_id.txt`, so a resumed run in the same
     `run_dir` continues the same wandb run.
+
+    Rows that carry `images_per_s` also get the derived throughput (see `Throughput`: TFLOP/s,
+    MFU) when `config` is a whole run configuration, and every row gets this process's memory
+    peaks since the previous row (`memory_metrics`).
     """
 
     def __init__(self, run_dir: Path, config: dict[str, Any], wandb_mode: str = "offline",
@@ -88,6 +93,7 @@ class MetricsLogger:
         if wandb_mode != "disabled":
             self._wandb_run = self._start_wandb(config, wandb_mode, project, run_id)
         self.wandb_run_id: str | None = None if self._wandb_run is None else self._wandb_run.id
+        self.throughput = Throughput.from_config(config)
         self._file = open(self.metrics_path, "a", encoding="utf-8")
 
     def _start_wandb(self, config: dict[str, Any], mode: str, project: str, run_id: str | None) -> Any:
@@ -121,6 +127,9 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record scalar metrics (numbers, bools, strings, 0-d tensors or NumPy scalars) at `step`."""
         values = {key: _scalar(key, value) for key, value in metrics.items()}
+        if self.throughput is not None and "images_per_s" in values:
+            values.update(self.throughput.rates(float(values["images_per_s"])))
+        values.update(memory_metrics())
         self._write({"step": step, "time": time.time(), **values})
         if self._wandb_run is not None:
             self._wandb_run.log(values, step=step)
@@ -152,6 +161,74 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Turns images/s into model TFLOP/s and MFU.
+
+    FLOPs are model FLOPs of a training forward + backward per image, counted the way
+    `sfd_scale.bench` counts them (SPEC section 6: 34.99 TFLOP per XXL step at batch 32);
+    recomputation by activation checkpointing is not counted. MFU is relative to the dense
+    datasheet peak of the card times the number of ranks, and is only reported when that peak
+    is known: a bf16 run on a card listed in `sfd_scale.bench`, or SFD_PEAK_TFLOPS (per device,
+    in TFLOP/s) set in the environment.
+    """
+
+    flops_per_image: float
+    devices: int
+    peak_tflops_per_device: float | None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Throughput | None:
+        """From a whole run configuration (`to_dict(SFDConfig)`); None for anything else."""
+        model = config.get("model")
+        if not isinstance(model, dict) or "train" not in config:
+            return None
+        import torch.distributed as dist
+
+        # Imported here: these modules import this one.
+        from sfd_scale.bench import compute_dtype, count_step_flops, datasheet_peak_tflops, device_name
+        from sfd_scale.config import ModelConfig, from_dict
+        from sfd_scale.train.trainer import resolve_device
+
+        model_cfg = from_dict(ModelConfig, model, "run config")
+        flops = count_step_flops(model_cfg, 1, with_repa=model_cfg.repa_depth > 0)
+        devices = dist.get_world_size() if dist.is_initialized() else 1
+        peak = os.environ.get("SFD_PEAK_TFLOPS")
+        if peak:
+            try:
+                peak_tflops: float | None = float(peak)
+            except ValueError:
+                raise ValueError(f"environment variable SFD_PEAK_TFLOPS={peak!r} is not a number") from None
+        else:
+            device = resolve_device(config["train"].get("device", "auto"))
+            dtype = compute_dtype(config["train"].get("precision", "auto"), device)
+            peak_tflops = datasheet_peak_tflops(device_name(device), dtype)
+        return cls(float(flops), devices, peak_tflops)
+
+    def rates(self, images_per_s: float) -> dict[str, float]:
+        tflops = images_per_s * self.flops_per_image / 1e12
+        out = {"tflops_per_s": tflops, "tflops_per_s_per_device": tflops / self.devices}
+        if self.peak_tflops_per_device:
+            out["mfu"] = tflops / (self.devices * self.peak_tflops_per_device)
+        return out
+
+
+def memory_metrics() -> dict[str, float]:
+    """This process's memory in GiB: the peak resident set so far, and on CUDA the peak
+    allocated since the previous call (the peak counter is reset) and what is reserved now."""
+    import resource
+
+    import torch
+
+    # ru_maxrss is in KiB on Linux.
+    out = {"mem_host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["mem_device_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["mem_device_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    return out
 
 
 def _scalar(key: str, value: Any) -> bool | int | float | str:

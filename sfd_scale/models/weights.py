@@ -30,6 +30,7 @@ def read_state_dict(
     what: str,
     where_to_get: str,
     prefer: Sequence[str] = ("ema", "model", "state_dict"),
+    allow_unsafe_pickle: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read a flat name -> tensor dict from a `.safetensors` or torch (`.pt/.pth/.ckpt/.bin`) file.
 
@@ -37,6 +38,11 @@ def read_state_dict(
     error raised when the file is missing. Training checkpoints often nest the weights: the first
     key of `prefer` that the file holds as a dict is unwrapped (order matters: EMA weights before
     raw ones by default). A prefix that every key shares because of DDP or torch.compile is removed.
+
+    Torch files load with `weights_only=True` (plus the OmegaConf allow-list for reference
+    checkpoints). A file that also pickles other Python objects is refused unless
+    `allow_unsafe_pickle` is set: then it is unpickled in full, which runs code from the file, so
+    set it only for files from a source you trust.
     """
     path = Path(path)
     if not path.is_file():
@@ -47,7 +53,7 @@ def read_state_dict(
     if suffix == SAFETENSORS_SUFFIX:
         raw = _read_safetensors(path)
     elif suffix in TORCH_SUFFIXES:
-        raw = _read_torch(path)
+        raw = _read_torch(path, allow_unsafe_pickle)
     else:
         raise ValueError(
             f"'{path}': unsupported checkpoint extension '{path.suffix}'; expected "
@@ -133,17 +139,32 @@ def _load_torch_checked(path: Path) -> object:
         return raw
 
 
-def _read_torch(path: Path) -> object:
+def _read_torch(path: Path, allow_unsafe_pickle: bool = False) -> object:
     try:
         return _load_torch_checked(path)
     except pickle.UnpicklingError as err:
         # weights_only refuses pickled Python objects; random bytes land here too.
-        raise ValueError(
-            f"'{path}' is not a plain tensor checkpoint (torch.load with weights_only=True refused "
-            f"it: {_first_line(err)}). It is corrupt or holds pickled Python objects, which must "
-            "not be unpickled blindly; re-save the tensors alone (e.g. as safetensors)."
-        ) from err
+        if not allow_unsafe_pickle:
+            raise ValueError(
+                f"'{path}' is not a plain tensor checkpoint (torch.load with weights_only=True refused "
+                f"it: {_first_line(err)}). It is corrupt or holds pickled Python objects, which must "
+                "not be unpickled blindly; re-save the tensors alone (e.g. as safetensors), or, for a "
+                "file you trust, pass allow_unsafe_pickle=True."
+            ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ValueError(
+            f"'{path}' is corrupt or unreadable as a torch checkpoint: {_first_line(err)}"
+        ) from err
+    return _load_torch_unsafe(path)
+
+
+def _load_torch_unsafe(path: Path) -> object:
+    """Full unpickling, only behind the caller's explicit `allow_unsafe_pickle`."""
+    logger.warning("'%s' holds pickled Python objects; unpickling it in full because allow_unsafe_pickle "
+                   "is set (this runs code from the file: use only files you trust)", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # unpickling can raise anything the file's code raises
         raise ValueError(
             f"'{path}' is corrupt or unreadable as a torch checkpoint: {_first_line(err)}"
         ) from err

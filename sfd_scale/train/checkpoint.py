@@ -63,6 +63,10 @@ class CheckpointNotFoundError(FileNotFoundError):
     """A requested checkpoint (a step, or any usable one for resume) does not exist."""
 
 
+class CheckpointWriteError(OSError):
+    """Publishing a step folder failed (e.g. a full disk); the message names the folder."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Contents: nested state <-> (flat tensors, JSON skeleton)
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +298,13 @@ class CheckpointStore:
                 self._discard(final)
             os.rename(temp, final)
             _fsync_dir(self.root)
+        except OSError as err:
+            self.abandon(temp)
+            previous = self.latest_step()
+            raise CheckpointWriteError(
+                err.errno, f"cannot write checkpoint step {step} into {temp} (for {final}): {err}; the "
+                f"temporary folder was removed, and the newest complete checkpoint is "
+                f"{'none' if previous is None else self.step_dir(previous)}") from err
         except BaseException:
             self.abandon(temp)
             raise
@@ -307,12 +318,18 @@ class CheckpointStore:
         # Complete folders above `step` come from a timeline this run abandoned by resuming from an
         # earlier step; left in place they would win "highest complete step" at the next resume.
         for newer in (s for s in self.complete_steps() if s > step):
-            target = self.root / f"{_ABANDONED_PREFIX}{self.step_dir(newer).name}"
-            if target.exists():
-                self._discard(target)
-            os.rename(self.step_dir(newer), target)
-            logger.warning("checkpoint step %d is newer than the step being saved (%d), so it belongs to "
-                           "a run that resumed from an earlier step; moved it to %s", newer, step, target)
+            self.set_aside(newer, f"it is newer than the step being saved ({step}), so it belongs to a run "
+                                  "that resumed from an earlier step")
+
+    def set_aside(self, step: int, why: str) -> Path:
+        """Move a complete step folder out of resume's reach, to `abandoned-step-...` (kept for a look)."""
+        target = self.root / f"{_ABANDONED_PREFIX}{self.step_dir(step).name}"
+        if target.exists():
+            self._discard(target)
+        os.rename(self.step_dir(step), target)
+        _fsync_dir(self.root)
+        logger.warning("moved checkpoint step %d to %s: %s", step, target, why)
+        return target
 
     def _apply_retention(self) -> None:
         for old in self.complete_steps()[:-self.keep_last]:
@@ -402,7 +419,8 @@ class CheckpointStore:
         """Load the highest step that verifies, warning about each newer one skipped; (step, entries, meta).
 
         With no usable checkpoint: raises CheckpointNotFoundError if `required` (resume was asked
-        for), else returns None (a fresh start).
+        for) or if step folders exist but none is usable (a fresh start would silently discard
+        them), else returns None (a fresh start).
         """
         complete, incomplete = self._scan()
         skipped = []
@@ -421,9 +439,10 @@ class CheckpointStore:
             if skipped:
                 logger.warning("resuming from step %d; %d newer step folder(s) were unusable", step, len(skipped))
             return step, entries, meta
-        if required:
+        if required or skipped:
             detail = "; ".join(skipped) if skipped else "no complete step folder (with manifest.json) exists"
-            raise CheckpointNotFoundError(f"resume was requested but no usable checkpoint is under {self.root}: "
+            why = "resume was requested but" if required else "step folders exist but"
+            raise CheckpointNotFoundError(f"{why} no usable checkpoint is under {self.root}: "
                                           f"{detail}. To start a new run instead, turn resume off or use "
                                           "another checkpoint directory.")
         return None

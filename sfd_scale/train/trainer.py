@@ -34,6 +34,7 @@ from sfd_scale.parallel.dims import ParallelDims, check_config_fits
 from sfd_scale.parallel.engine import Engine
 from sfd_scale.parallel.factory import build_engine
 from sfd_scale.train.checkpoint import MANIFEST_NAME, CheckpointStore, read_state, write_state
+from sfd_scale.train.guards import NumericalGuard
 from sfd_scale.train.optim import lr_at
 from sfd_scale.train.rng import capture_rng, restore_rng
 
@@ -98,11 +99,12 @@ class Trainer:
         self._check_data_matches_model(dataset)
         self.loader = ShardLoader(dataset, batch_size=self.rank_batch, seed=cfg.train.seed,
                                   rank=self.dims.dp_rank, world_size=self.dims.dp,
-                                  random_flip=cfg.data.random_flip)
+                                  random_flip=cfg.data.random_flip, device=self.device)
         self.batches = _endless(self.loader)
         self.store = CheckpointStore(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
         self.step = 0
         self.skipped_steps = 0
+        self.guard = NumericalGuard(cfg.guard, cfg.train)  # bad-step streaks, rollback (train/guards.py)
         self._saved_step: int | None = None
         log.info("model LightningDiT-%s: %.2f M parameters, attention %s, device %s, engine %s (%s), "
                  "%d micro-batch(es) of %d per rank and step",
@@ -127,6 +129,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": {"loss": self.generator.get_state()},
             "counters": {"step": self.step, "skipped_steps": self.skipped_steps},
+            "guard": self.guard.state_dict(),
         }
 
     def load_trainer_state(self, state: dict) -> None:
@@ -135,6 +138,7 @@ class Trainer:
         self.generator.set_state(state["rng"]["loss"])
         self.step = int(state["counters"]["step"])
         self.skipped_steps = int(state["counters"]["skipped_steps"])
+        self.guard.load_state_dict(state.get("guard"))  # absent in checkpoints older than the guard
 
     def save_checkpoint(self) -> Path:
         """Collective: every rank writes its part into one temporary folder; rank 0 publishes it."""
@@ -153,7 +157,7 @@ class Trainer:
         except Exception as err:  # reported collectively below, so no rank waits forever
             error = err
         try:
-            distributed.raise_if_any_failed(error, f"writing checkpoint step {self.step}")
+            distributed.raise_if_any_failed(error, f"writing checkpoint step {self.step} into {temp}")
         except RuntimeError:
             if self.dims.is_main:
                 self.store.abandon(temp)
@@ -247,7 +251,7 @@ class Trainer:
                 self.engine.backward(terms["loss"] / self.accum_steps)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / self.accum_steps
-        lr = lr_at(self.step, self.cfg.optim)
+        lr = lr_at(self.step, self.cfg.optim) * self.guard.lr_scale  # lowered by rollbacks
         stats = self.engine.step(lr, sums["loss"])
         metrics = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # one device sync
         metrics.update(grad_norm=stats.grad_norm, lr=lr)
@@ -257,15 +261,18 @@ class Trainer:
                 log.warning("step %d: non-finite loss %.4g or grad norm %.4g, update skipped (%d so far)",
                             self.step + 1, metrics["loss"], stats.grad_norm, self.skipped_steps)
         self.step += 1
+        self.guard.after_step(self, stats.skipped, metrics["loss"])  # may roll back (train/guards.py)
         return StepResult(metrics, stats.skipped)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
 
-    def fit(self, max_steps: int | None = None) -> None:
+    def fit(self, max_steps: int | None = None, should_stop: Callable[[int], bool] | None = None) -> None:
         """Train until max_steps (default train.max_steps), checkpointing and logging on the way.
 
-        Metrics are averaged over ranks and written by rank 0 only.
+        Metrics are averaged over ranks and written by rank 0 only. `should_stop(step)` (e.g.
+        `PreemptionWatcher.should_stop`, a collective) is asked after every step; when it says
+        yes, training ends at that step boundary and that step is checkpointed.
         """
         cfg = self.cfg.train
         end = cfg.max_steps if max_steps is None else max_steps
@@ -275,6 +282,7 @@ class Trainer:
         progress = _progress(self.step, end, self.cfg.logging.progress_bar and main)
         window: dict[str, float] = {}
         t0, images = time.perf_counter(), 0
+        stopped = False
         try:
             while self.step < end:
                 result = self.train_step()
@@ -295,9 +303,13 @@ class Trainer:
                     self.save_checkpoint()
                 if self.preview is not None and cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
                     self._preview(logger)
+                # Preemption hook (train/preemption.py): stop here; the step is checkpointed below.
+                if should_stop is not None and should_stop(self.step):
+                    stopped = True
+                    break
             if self._saved_step != self.step:
                 self.save_checkpoint()
-            if self.preview is not None:
+            if self.preview is not None and not stopped:
                 self._preview(logger)
         finally:
             progress.close()
