@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,10 +61,15 @@ def _main(argv: list[str] | None = None) -> None:
 
 
 def main() -> None:
-    """Run the worker; end the process without interpreter teardown (DCP's threads can abort it)."""
+    run_and_exit(_main)
+
+
+def run_and_exit(worker: Callable[[], None]) -> None:
+    """Run a worker; end the process without interpreter teardown (DCP's, DeepSpeed's and gloo's
+    threads can abort a normal exit), after a barrier and destroy_process_group."""
     code = 0
     try:
-        _main()
+        worker()
         import torch.distributed as dist
 
         if dist.is_initialized():

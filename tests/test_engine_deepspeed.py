@@ -150,22 +150,9 @@ def _worker_main(argv: list[str]) -> None:
 
 
 def _main() -> None:
-    import traceback
+    from dist_worker import run_and_exit
 
-    import torch.distributed as dist
-
-    code = 0
-    try:
-        _worker_main(sys.argv[1:])
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # DeepSpeed's and gloo's threads can abort a normal interpreter exit
+    run_and_exit(lambda: _worker_main(sys.argv[1:]))
 
 
 # ----------------------------------------------------------------------------------------------
