@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from sfd_scale.config import SFDConfig, from_dict
@@ -53,3 +54,14 @@ def tiny_sfd_config(data_dir: Path, **sections) -> SFDConfig:
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return from_dict(SFDConfig, data, "tiny test config")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_interpreter_without_gpu():
+    """On a machine without CUDA, the tests of a module that imports this fixture run Triton kernels in Triton's interpreter.
+    The variable is read when a kernel module is imported and again when a kernel runs, so it is
+    set for that module's tests only (and kernel modules are imported inside them)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not torch.cuda.is_available():
+            patch.setenv("TRITON_INTERPRET", "1")
+        yield

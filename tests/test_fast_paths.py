@@ -14,17 +14,7 @@ from sfd_scale.models import fast_paths
 from sfd_scale.models.layers import attention_math, resolve_attention
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.train import optim
-
-
-@pytest.fixture(autouse=True, scope="module")
-def triton_interpreter_without_gpu():
-    """On a machine without CUDA, this file's tests run Triton kernels in Triton's interpreter.
-    The variable is read when a kernel module is imported and again when a kernel runs, so it is
-    set for this module's tests only (and kernel modules are imported inside them)."""
-    with pytest.MonkeyPatch.context() as patch:
-        if not torch.cuda.is_available():
-            patch.setenv("TRITON_INTERPRET", "1")
-        yield
+from fixtures import triton_interpreter_without_gpu  # noqa: F401  (autouse, module scope)
 
 
 def tiny(**kw) -> ModelConfig:

@@ -10,17 +10,7 @@ import torch
 from sfd_scale.kernels import triton_installed
 from sfd_scale.kernels.reference import rmsnorm_modulate_reference, rope_reference, swiglu_reference
 from sfd_scale.models.layers import RMSNorm, Rope2D, SwiGLU, modulate
-
-
-@pytest.fixture(autouse=True, scope="module")
-def triton_interpreter_without_gpu():
-    """On a machine without CUDA, this file's tests run Triton kernels in Triton's interpreter.
-    The variable is read when a kernel module is imported and again when a kernel runs, so it is
-    set for this module's tests only (and kernel modules are imported inside them)."""
-    with pytest.MonkeyPatch.context() as patch:
-        if not torch.cuda.is_available():
-            patch.setenv("TRITON_INTERPRET", "1")
-        yield
+from fixtures import triton_interpreter_without_gpu  # noqa: F401  (autouse, module scope)
 
 
 needs_triton = pytest.mark.skipif(not triton_installed(), reason="Triton is not installed")
