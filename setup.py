@@ -34,6 +34,8 @@ setup(
         "engines": ["deepspeed==0.19.8", "megatron-core==0.16.1"],
         # NVIDIA DALI image decoding (GPU `mixed`; CPU-only mode for tests). It pins packaging<=26.3.
         "dali": ["nvidia-dali-cuda130==2.4.0"],
+        # FP8 training linears (model.fp8; Ada/Hopper GPUs, emulated on the CPU for tests).
+        "fp8": ["torchao==0.18.0"],
         # GPU-only fast paths; each is optional and has a plain-PyTorch twin.
         "gpu": ["flash-attn", "xformers"],
     },

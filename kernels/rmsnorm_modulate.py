@@ -78,36 +78,60 @@ def _backward_kernel(x_ptr, w_ptr, opsc_ptr, rstd_ptr, dy_ptr, dx_ptr, dw_part_p
     tl.store(dshift_part_ptr + part, acc_shift, mask=col_mask)
 
 
-class _RMSNormModulate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, shift, scale, eps, out_dtype):
-        b, n, d = x.shape
-        x = x.contiguous()
-        one_plus_scale = (1 + scale).contiguous()  # rounded in scale's dtype, as `modulate` does
-        y = torch.empty((b, n, d), dtype=out_dtype, device=x.device)
-        rstd = torch.empty(b * n, dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(d)
-        _forward_kernel[(b * n,)](x, weight.contiguous(), shift.contiguous(), one_plus_scale, y, rstd,
-                                  n, d, eps, BLOCK_D=block)
-        ctx.save_for_backward(x, weight, one_plus_scale, rstd)
-        ctx.dtypes = (shift.dtype, scale.dtype)
-        return y
+@torch.library.custom_op("sfd_scale::rmsnorm_modulate", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, one_plus_scale: torch.Tensor,
+                eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, 1/rms per row); every tensor contiguous."""
+    b, n, d = x.shape
+    y = torch.empty((b, n, d), dtype=out_dtype, device=x.device)
+    rstd = torch.empty(b * n, dtype=torch.float32, device=x.device)
+    _forward_kernel[(b * n,)](x, weight, shift, one_plus_scale, y, rstd, n, d, eps,
+                              BLOCK_D=triton.next_power_of_2(d))
+    return y, rstd
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, one_plus_scale, rstd = ctx.saved_tensors
-        b, n, d = x.shape
-        chunks = triton.cdiv(n, _ROWS_PER_PROGRAM)
-        dx = torch.empty_like(x)
-        parts = torch.empty((3, b, chunks, d), dtype=torch.float32, device=x.device)
-        _backward_kernel[(b, chunks)](x, weight.contiguous(), one_plus_scale, rstd, dy.contiguous(), dx,
-                                      parts[0], parts[1], parts[2], n, d, chunks,
-                                      ROWS=_ROWS_PER_PROGRAM, BLOCK_D=triton.next_power_of_2(d))
-        shift_dtype, scale_dtype = ctx.dtypes
-        dweight = parts[0].sum((0, 1)).to(weight.dtype)
-        dscale = parts[1].sum(1).to(scale_dtype)
-        dshift = parts[2].sum(1).to(shift_dtype)
-        return dx, dweight, dshift, dscale, None, None
+
+@_forward_op.register_fake
+def _(x, weight, shift, one_plus_scale, eps, out_dtype):
+    b, n, d = x.shape
+    return x.new_empty((b, n, d), dtype=out_dtype), x.new_empty(b * n, dtype=torch.float32)
+
+
+@torch.library.custom_op("sfd_scale::rmsnorm_modulate_backward", mutates_args=())
+def _backward_op(x: torch.Tensor, weight: torch.Tensor, one_plus_scale: torch.Tensor, rstd: torch.Tensor,
+                 dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, fp32 partial sums (3, B, chunks, D) of the weight, scale and shift gradients)."""
+    b, n, d = x.shape
+    chunks = triton.cdiv(n, _ROWS_PER_PROGRAM)
+    dx = torch.empty_like(x)
+    parts = torch.empty((3, b, chunks, d), dtype=torch.float32, device=x.device)
+    _backward_kernel[(b, chunks)](x, weight, one_plus_scale, rstd, dy, dx, parts[0], parts[1], parts[2],
+                                  n, d, chunks, ROWS=_ROWS_PER_PROGRAM, BLOCK_D=triton.next_power_of_2(d))
+    return dx, parts
+
+
+@_backward_op.register_fake
+def _(x, weight, one_plus_scale, rstd, dy):
+    b, n, d = x.shape
+    return torch.empty_like(x), x.new_empty((3, b, -(-n // _ROWS_PER_PROGRAM), d), dtype=torch.float32)
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    x, weight, shift, one_plus_scale, _, _ = inputs
+    ctx.save_for_backward(x, weight, one_plus_scale, output[1])
+    ctx.shift_dtype = shift.dtype
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, one_plus_scale, rstd = ctx.saved_tensors
+    dx, parts = _backward_op(x, weight, one_plus_scale, rstd, dy.contiguous())
+    dweight = parts[0].sum((0, 1)).to(weight.dtype)
+    dscale = parts[1].sum(1).to(one_plus_scale.dtype)
+    dshift = parts[2].sum(1).to(ctx.shift_dtype)
+    return dx, dweight, dshift, dscale, None, None
+
+
+# A custom op, not a bare autograd.Function: torch.compile keeps it whole in the graph.
+_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def rmsnorm_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -124,4 +148,6 @@ def rmsnorm_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor,
     if out_dtype is None:
         out_dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype),
                                         torch.promote_types(shift.dtype, scale.dtype))
-    return _RMSNormModulate.apply(x, weight, shift, scale, eps, out_dtype)
+    one_plus_scale = 1 + scale  # rounded in scale's dtype, as `modulate` does
+    return _forward_op(x.contiguous(), weight.contiguous(), shift.contiguous(), one_plus_scale.contiguous(),
+                       eps, out_dtype)[0]

@@ -40,9 +40,9 @@ def _rotate_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, rows, tokens, head_dim,
     tl.store(out_ptr + even + 1, out_odd.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@torch.library.custom_op("sfd_scale::rope_rotate", mutates_args=())
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype,
             inverse: bool) -> torch.Tensor:
-    x = x.contiguous()
     head_dim, tokens = x.shape[-1], x.shape[-2]
     rows = x.numel() // head_dim
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -51,17 +51,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: to
     return out
 
 
-class _Rope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin, out_dtype):
-        ctx.save_for_backward(cos, sin)
-        ctx.x_dtype = x.dtype
-        return _rotate(x, cos, sin, out_dtype, inverse=False)
+@_rotate.register_fake
+def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype, inverse: bool) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device)
 
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
-        return _rotate(dy, cos, sin, ctx.x_dtype, inverse=True), None, None, None
+
+def _save_tables(ctx, inputs, output) -> None:
+    x, cos, sin, _, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.x_dtype, ctx.inverse = x.dtype, inverse
+
+
+def _rotate_backward(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    # The gradient of a rotation is the opposite rotation.
+    return _rotate(dy.contiguous(), cos, sin, ctx.x_dtype, not ctx.inverse), None, None, None, None
+
+
+# A custom op, not a bare autograd.Function: torch.compile keeps it whole in the graph.
+_rotate.register_autograd(_rotate_backward, setup_context=_save_tables)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -77,4 +85,4 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         raise ValueError("rope: the fused kernel gives no gradient to the cos/sin tables")
     if out_dtype is None:
         out_dtype = torch.promote_types(x.dtype, cos.dtype)
-    return _Rope.apply(x, cos.contiguous(), sin.contiguous(), out_dtype)
+    return _rotate(x.contiguous(), cos.contiguous(), sin.contiguous(), out_dtype, False)

@@ -43,27 +43,47 @@ def _backward_kernel(h_ptr, dy_ptr, dh_ptr, hidden, BLOCK: tl.constexpr):
     tl.store(dh_ptr + row * 2 * hidden + hidden + cols, dvalue.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h):
-        h = h.contiguous()
-        hidden = h.shape[-1] // 2
-        rows = h.numel() // (2 * hidden)
-        out = torch.empty((*h.shape[:-1], hidden), dtype=h.dtype, device=h.device)
-        block = min(_BLOCK, triton.next_power_of_2(hidden))
-        _forward_kernel[(rows, triton.cdiv(hidden, block))](h, out, hidden, BLOCK=block)
-        ctx.save_for_backward(h)
-        return out
+@torch.library.custom_op("sfd_scale::swiglu", mutates_args=())
+def _swiglu_op(h: torch.Tensor) -> torch.Tensor:
+    hidden = h.shape[-1] // 2
+    rows = h.numel() // (2 * hidden)
+    out = torch.empty((*h.shape[:-1], hidden), dtype=h.dtype, device=h.device)
+    block = min(_BLOCK, triton.next_power_of_2(hidden))
+    _forward_kernel[(rows, triton.cdiv(hidden, block))](h, out, hidden, BLOCK=block)
+    return out
 
-    @staticmethod
-    def backward(ctx, dy):
-        (h,) = ctx.saved_tensors
-        hidden = h.shape[-1] // 2
-        rows = h.numel() // (2 * hidden)
-        dh = torch.empty_like(h)
-        block = min(_BLOCK, triton.next_power_of_2(hidden))
-        _backward_kernel[(rows, triton.cdiv(hidden, block))](h, dy.contiguous(), dh, hidden, BLOCK=block)
-        return dh
+
+@_swiglu_op.register_fake
+def _(h: torch.Tensor) -> torch.Tensor:
+    return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
+
+
+@torch.library.custom_op("sfd_scale::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(h: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    hidden = h.shape[-1] // 2
+    rows = h.numel() // (2 * hidden)
+    dh = torch.empty_like(h)
+    block = min(_BLOCK, triton.next_power_of_2(hidden))
+    _backward_kernel[(rows, triton.cdiv(hidden, block))](h, dy, dh, hidden, BLOCK=block)
+    return dh
+
+
+@_swiglu_backward_op.register_fake
+def _(h: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(h)
+
+
+def _save_input(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_backward(ctx, dy):
+    (h,) = ctx.saved_tensors
+    return _swiglu_backward_op(h, dy.contiguous())
+
+
+# A custom op, not a bare autograd.Function: torch.compile keeps it whole in the graph.
+_swiglu_op.register_autograd(_swiglu_backward, setup_context=_save_input)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -72,4 +92,4 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     if h.shape[-1] % 2 or h.numel() == 0:
         raise ValueError(f"swiglu: the last dimension holds [gate, value] and must be even and non-empty, "
                          f"got shape {tuple(h.shape)}")
-    return _SwiGLU.apply(h)
+    return _swiglu_op(h.contiguous())

@@ -17,7 +17,7 @@ import sys
 
 from sfd_scale.bench import BenchOptions, bench_config, format_table, run_benchmark, write_report
 from sfd_scale.logging import get_logger
-from sfd_scale.models.fast_paths import ATTENTION_NAMES, COMPILE_MODES
+from sfd_scale.models.fast_paths import ATTENTION_NAMES, COMPILE_INDUCTOR_MODES, COMPILE_MODES, FP8_RECIPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,11 +34,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="parallel.activation_checkpointing (default: the config's)")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
                         help="torch.compile: each block, the whole model, or none")
+    parser.add_argument("--compile-mode", choices=COMPILE_INDUCTOR_MODES, default="default",
+                        help="inductor mode of --compile ('reduce-overhead': CUDA graphs)")
+    parser.add_argument("--fp8", choices=FP8_RECIPES, default="none",
+                        help="torchao float8 recipe for the blocks' large linears (Ada/Hopper GPUs)")
     parser.add_argument("--fused-kernels", action="store_true", help="Triton SwiGLU and RoPE kernels")
     parser.add_argument("--device", default=None, help="train.device (default: the config's; auto)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-eager baseline")
+    parser.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                        help="then profile N more steps: time by kernel category and the top kernels")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     return parser.parse_args(argv)
 
@@ -53,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
             overrides.append(f"{key}={value}")
     cfg = bench_config(args.config, overrides)
     options = BenchOptions(batch_size=args.batch_size, warmup_steps=args.warmup, steps=args.steps,
-                           attention=args.attention or cfg.model.attention, compile=args.compile,
-                           fused_kernels=args.fused_kernels, baseline=not args.no_baseline)
+                           attention=args.attention or cfg.model.attention, compile=args.compile, compile_mode=args.compile_mode, fp8=args.fp8,
+                           fused_kernels=args.fused_kernels, baseline=not args.no_baseline,
+                           profile_steps=args.profile_steps)
     command = shlex.join(["python", "launchers/bench.py", *(sys.argv[1:] if argv is None else argv)])
     report = run_benchmark(cfg, options, command=command)
     print(format_table(report))

@@ -314,7 +314,7 @@ sfd_train() {  # a training job (xl.slurm, xxl.slurm), which set their defaults
   ARGS+=(--set "train.output_dir=$RUN_ROOT" --set "train.exp_name=$SLURM_JOB_NAME" --set "data.data_dir=$DATA_DIR"
          --set "parallel.engine=$ENGINE" --set "logging.wandb=$WANDB")
   [ "$ENGINE" = deepspeed ] && sfd_set_args ZERO_STAGE:parallel.zero_stage
-  sfd_set_args MODEL_SIZE:model.size GLOBAL_BATCH:train.global_batch_size GRAD_ACCUM:parallel.grad_accum_steps \
+  sfd_set_args MODEL_SIZE:model.size MODEL_COMPILE:model.compile GLOBAL_BATCH:train.global_batch_size GRAD_ACCUM:parallel.grad_accum_steps \
                TP:parallel.tensor_parallel ACTIVATION_CHECKPOINTING:parallel.activation_checkpointing \
                MAX_STEPS:train.max_steps CKPT_EVERY:train.ckpt_every LOG_EVERY:train.log_every \
                SAMPLE_EVERY:train.sample_every VAE_CHECKPOINT:encoders.texture_vae_checkpoint \

@@ -25,7 +25,7 @@ from sfd_scale.eval.generate import make_preview
 from sfd_scale.logging import get_logger
 from sfd_scale.models.texture_vae import load_texture_vae
 from sfd_scale.parallel.dims import ParallelDims, check_config_fits
-from sfd_scale.parallel.distributed import destroy_process_group
+from sfd_scale.parallel.distributed import destroy_process_group, exit_after_distributed_run
 from sfd_scale.train.preemption import PreemptionWatcher
 from sfd_scale.train.trainer import Trainer
 
@@ -83,3 +83,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_distributed_run()

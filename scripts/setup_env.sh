@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch 2.13.0 (CPU) is pinned in setup.py; on machines with a local wheel cache pip takes it there.
-.venv/bin/python -m pip install --quiet -e ".[test,engines,dali]"
+.venv/bin/python -m pip install --quiet -e ".[test,engines,dali,fp8]"

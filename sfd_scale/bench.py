@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import logging
 import statistics
@@ -36,16 +37,22 @@ from sfd_scale.config import MISSING_REQUIRED, ModelConfig, SFDConfig, apply_ove
 from sfd_scale.diffusion.loss import SFDLoss
 from sfd_scale.models.fast_paths import (
     ATTENTION_NAMES,
+    COMPILE_INDUCTOR_MODES,
     COMPILE_MODES,
+    FP8_RECIPES,
     apply_compile,
+    apply_fp8,
     apply_fused_kernels,
+    fp8_unavailable,
     fused_kernels_unavailable,
+    mark_step_begin,
     resolve_attention,
 )
 from sfd_scale.models.layers import Attention
 from sfd_scale.models.lightningdit import build_model, count_parameters
 from sfd_scale.parallel.checkpointing import apply_activation_checkpointing
 from sfd_scale.parallel.engine import LocalEngine
+from sfd_scale.profile_step import format_profile, profile_training_step
 from sfd_scale.train.trainer import autocast_for, resolve_device
 
 log = logging.getLogger(__name__)
@@ -79,19 +86,32 @@ class BenchOptions:
     """Attention backend of the measured run (sfd_scale.models.fast_paths.ATTENTION_NAMES)."""
     compile: str = "none"
     """none | blocks (regional, every block) | model (whole forward)."""
+    compile_mode: str = "default"
+    """Inductor mode (COMPILE_INDUCTOR_MODES); 'reduce-overhead' replays CUDA graphs."""
     fused_kernels: bool = False
     """Triton SwiGLU and RoPE kernels (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    fp8: str = "none"
+    """torchao float8 recipe for the blocks' large linears (FP8_RECIPES); 'none' is bf16."""
     baseline: bool = True
     """Also measure the plain-eager baseline in the same run."""
+    profile_steps: int = 0
+    """After timing, run this many more steps of the configured variant under the PyTorch
+    profiler and report where the time goes (`sfd_scale.profile_step`); 0: no profile."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.steps < 1 or self.warmup_steps < 0:
-            raise ValueError(f"benchmark needs batch_size >= 1, steps >= 1 and warmup_steps >= 0, got "
-                             f"{self.batch_size}, {self.steps}, {self.warmup_steps}")
+        if self.batch_size < 1 or self.steps < 1 or self.warmup_steps < 0 or self.profile_steps < 0:
+            raise ValueError(f"benchmark needs batch_size >= 1, steps >= 1, warmup_steps >= 0 and "
+                             f"profile_steps >= 0, got {self.batch_size}, {self.steps}, {self.warmup_steps}, "
+                             f"{self.profile_steps}")
         if self.attention not in ATTENTION_NAMES:
             raise ValueError(f"attention {self.attention!r} is unknown (known: {', '.join(ATTENTION_NAMES)})")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile {self.compile!r} is unknown (known: {', '.join(COMPILE_MODES)})")
+        if self.fp8 not in FP8_RECIPES:
+            raise ValueError(f"fp8 recipe {self.fp8!r} is unknown (known: {', '.join(FP8_RECIPES)})")
+        if self.compile_mode not in COMPILE_INDUCTOR_MODES:
+            raise ValueError(f"compile mode {self.compile_mode!r} is unknown "
+                             f"(known: {', '.join(COMPILE_INDUCTOR_MODES)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +122,8 @@ class Variant:
     attention: str
     compile: str
     fused_kernels: bool
+    compile_mode: str = "default"
+    fp8: str = "none"
 
 
 def bench_config(path: str | Path | None, overrides: list[str]) -> SFDConfig:
@@ -209,38 +231,62 @@ def datasheet_peak_tflops(name: str, dtype: torch.dtype) -> float | None:
     return next((peak for key, peak in DATASHEET_BF16_DENSE_TFLOPS if key in name), None)
 
 
-def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: torch.device) -> dict:
-    """Build one variant, warm up, time the full training step; returns its figures."""
+StepFn = Callable[[], tuple[dict[str, torch.Tensor], bool]]
+"""One full training step; returns its loss terms and whether the update was skipped."""
+
+
+def build_training_step(cfg: SFDConfig, variant: Variant, batches: list[tuple[torch.Tensor, ...]],
+                        device: torch.device) -> tuple[LocalEngine, StepFn]:
+    """The model with `variant`'s fast paths in a single-device engine, and a function that runs one
+    full training step on the next of `batches` (cycling), exactly as `Trainer.train_step` does."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(dataclasses.replace(cfg.model, attention=variant.attention)).train()
     apply_activation_checkpointing(model, cfg.parallel)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    # The EMA copy is made from the plain model; kernels and compile go on the trained module only.
+    # The EMA copy is made from the plain model; FP8, kernels and compile go on the trained module only.
     engine = LocalEngine(model, cfg.optim, cfg.train.ema_decay, device)
+    apply_fp8(engine.module, variant.fp8, device)
     if variant.fused_kernels:
         apply_fused_kernels(engine.module, device)
-    apply_compile(engine.module, variant.compile)
+    apply_compile(engine.module, variant.compile, inductor_mode=variant.compile_mode)
     loss_fn = SFDLoss(cfg.diffusion, cfg.model.semantic_channels)
-    x, y, feats = synthetic_batch(cfg.model, options.batch_size, device, cfg.train.seed)
     use_feats = cfg.model.repa_depth > 0
     generator = torch.Generator().manual_seed(cfg.train.seed + 1)
-    skipped = 0
+    position = itertools.cycle(range(len(batches)))
 
-    def step() -> None:
-        nonlocal skipped
+    def step() -> tuple[dict[str, torch.Tensor], bool]:
+        x, y, feats = batches[next(position)]
+        mark_step_begin(variant.compile_mode)
         engine.zero_grad()
         with autocast_for(cfg.train.precision, device):
             terms = loss_fn(engine.model, x, y, feats if use_feats else None, generator=generator)
         engine.backward(terms["loss"])
-        skipped += engine.step(cfg.optim.lr, terms["loss"].detach()).skipped
+        skipped = engine.step(cfg.optim.lr, terms["loss"].detach()).skipped
+        return {name: value.detach() for name, value in terms.items()}, skipped
+
+    return engine, step
+
+
+def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: torch.device,
+            profile_steps: int = 0) -> dict:
+    """Build one variant, warm up, time the full training step (then profile `profile_steps`
+    more steps); returns its figures."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batch = synthetic_batch(cfg.model, options.batch_size, device, cfg.train.seed)
+    engine, run_step = build_training_step(cfg, variant, [batch], device)
+    skipped = 0
+
+    def step(run: StepFn = run_step) -> None:
+        nonlocal skipped
+        skipped += run()[1]
 
     for _ in range(options.warmup_steps):
         step()
     times = [_timed(step, device) for _ in range(options.steps)]
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    profile = profile_training_step(step, device, profile_steps) if profile_steps else None
     backend = engine.module.attention_backend
-    del engine, model, x, y, feats
+    del engine, run_step, step, batch
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -248,8 +294,10 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
     if skipped:
         log.warning("%s: %d step(s) were skipped as non-finite; their time still counts", variant.label, skipped)
     return {"label": variant.label, "attention": backend, "compile": variant.compile,
+            "compile_mode": variant.compile_mode, "fp8": variant.fp8,
             "fused_kernels": variant.fused_kernels, "images_per_s": options.batch_size / median,
-            "step_s_median": median, "step_s_all": times, "peak_mem_gib": peak}
+            "step_s_median": median, "step_s_all": times, "peak_mem_gib": peak,
+            **({"profile": profile} if profile is not None else {})}
 
 
 def _add_rates(result: dict, step_flops: int, ceiling: float, peak: float | None) -> dict:
@@ -269,6 +317,9 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
     reason = fused_kernels_unavailable(device) if options.fused_kernels else None
     if reason is not None:
         raise ValueError(f"--fused-kernels cannot run: {reason}")
+    reason = fp8_unavailable(device) if options.fp8 != "none" else None
+    if reason is not None:
+        raise ValueError(f"--fp8 {options.fp8} cannot run: {reason}")
     dtype = compute_dtype(cfg.train.precision, device)
     name = device_name(device)
     if cfg.parallel.engine != "local":
@@ -277,7 +328,8 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
     step_flops = count_step_flops(cfg.model, options.batch_size, with_repa)
     ceiling = matmul_ceiling_tflops(device, dtype)
     peak = datasheet_peak_tflops(name, dtype)
-    fast = Variant("configured", options.attention, options.compile, options.fused_kernels)
+    fast = Variant("configured", options.attention, options.compile, options.fused_kernels, options.compile_mode,
+                   options.fp8)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
@@ -294,7 +346,7 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
         "matmul_ceiling_tflops_per_s": ceiling,
         "datasheet_peak_tflops_per_s": peak,
     }
-    measured = _add_rates(measure(cfg, fast, options, device), step_flops, ceiling, peak)
+    measured = _add_rates(measure(cfg, fast, options, device, options.profile_steps), step_flops, ceiling, peak)
     report.update(measured)
     if options.baseline:
         plain = Variant("plain eager", "sdpa", "none", False)
@@ -325,6 +377,8 @@ def format_table(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if "speedup_vs_baseline" in report:
         lines.append(f"configured / plain eager: {report['speedup_vs_baseline']:.3f}x images/s")
+    if "profile" in report:
+        lines.append(format_profile(report["profile"]))
     return "\n".join(lines)
 
 

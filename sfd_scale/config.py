@@ -61,6 +61,12 @@ class ModelConfig:
     """Triton kernels for RMSNorm+AdaLN modulate, SwiGLU and 2-D RoPE (GPU; same numbers)."""
     compile: Literal["none", "blocks", "model"] = "none"
     """torch.compile: each block (regional, short compile) or the whole forward."""
+    fp8: Literal["none", "tensorwise", "rowwise", "rowwise_with_gw_hp"] = "none"
+    """FP8 matmuls for the blocks' large linears (torchao float8 training recipe; Ada/Hopper GPUs).
+    Off by default: compare its loss curve with bf16 first (launchers/compare_precision.py)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    """Inductor mode of that compile; 'reduce-overhead' replays CUDA graphs (GPU), which takes the
+    kernel launches off the CPU at the cost of static input copies."""
 
 
 @dataclass
@@ -104,6 +110,9 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     """Global-norm gradient clipping; 0 disables it."""
     warmup_steps: int = 0
+    fused_ema: bool = False
+    """Clip scale, AdamW and the EMA in one Triton kernel per parameter (kernels/adamw_ema.py;
+    local and ddp engines, CUDA). Off until its GPU time is measured (docs/benchmarks.md)."""
 
 
 @dataclass
@@ -242,6 +251,45 @@ class StageTraining:
 
 
 @dataclass
+class StageRunConfig:
+    """How a stage trained on the engines runs (the Semantic VAE): clipping, EMA, precision,
+    checkpoints and logging. Its optimizer is AdamW with the stage's lr and no weight decay."""
+
+    max_grad_norm: float = 1.0
+    """Global-norm gradient clipping; 0 disables it."""
+    ema_decay: float = 0.0
+    """EMA of the weights, which is what the stage writes out; 0 keeps none (the EMA then equals
+    the trained weights)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast (and bf16 sharded weights) on GPU, fp32 on CPU."""
+    device: str = "auto"
+    log_every: int = 100
+    ckpt_every: int = 5000
+    """Checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = 2
+    resume: Literal["auto", "never", "must"] = "auto"
+    """auto: resume from the latest complete checkpoint in run_dir if one exists; must: error if none."""
+    wandb: Literal["disabled", "offline", "online"] = "offline"
+    project: str = "sfd-scale"
+    decode_workers: int = 8
+    """PIL decoding threads per rank; the next step's images are decoded while this one trains."""
+
+    def __post_init__(self) -> None:
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be >= 0 (0: no clipping)")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must lie in [0, 1]")
+        if self.log_every < 1:
+            raise ValueError(f"log_every={self.log_every} must be >= 1")
+        if self.ckpt_every < 0:
+            raise ValueError(f"ckpt_every={self.ckpt_every} must be >= 0 (0: only at the end)")
+        if self.keep_last < 2:
+            raise ValueError(f"keep_last={self.keep_last} must be >= 2 (resume falls back to the previous one)")
+        if self.decode_workers < 0:
+            raise ValueError(f"decode_workers={self.decode_workers} must be >= 0 (0: decode inline)")
+
+
+@dataclass
 class SFDConfig:
     """One run of SFD training and sampling."""
 
@@ -265,8 +313,16 @@ class SemVAETrainConfig:
     """Class-subfolder images (ImageNet train layout)."""
     image_size: int = 256
     output: str = "runs/semvae/semvae.safetensors"
+    """Where the trained (EMA) weights are written; point encoders.semvae_checkpoint at it."""
+    run_dir: str = "runs/semvae"
+    """Checkpoints (run_dir/checkpoints) and metrics (run_dir/metrics.jsonl); a run resumes from here."""
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     training: StageTraining = field(default_factory=lambda: StageTraining(steps=100_000, batch_size=256, lr=1e-4))
+    """batch_size is the global batch: every optimizer step, over all ranks."""
+    run: StageRunConfig = field(default_factory=StageRunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """engine local|ddp|fsdp2|deepspeed (zero_stage, deepspeed_config, offload_*), grad_accum_steps,
+    backend; the Semantic VAE is small, so tensor_parallel and activation_checkpointing are refused."""
 
 
 @dataclass

@@ -54,6 +54,7 @@ def _folder_step(folder: Path) -> int | None:
 def install() -> None:
     """Wrap the trainer and checkpoint functions this process's SFD_FAULT / SFD_POISON need."""
     import sfd_scale.train.checkpoint as ckpt
+    import sfd_scale.train.collective_checkpoint as collective
     import sfd_scale.train.trainer as trainer_mod
 
     point, _, rest = os.environ.get("SFD_FAULT", "").partition(":")
@@ -90,14 +91,14 @@ def install() -> None:
     if not kill_here:
         return
     if point == "in_write":
-        write_state = trainer_mod.write_state
+        write_state = collective.write_state
 
-        def write_then_die(folder, name, state):
+        def write_then_die(folder, name, state):  # right after this rank's RNG entry is written
             write_state(folder, name, state)
-            if folder.name == trainer_mod.RNG_DIR and _folder_step(folder.parent) == at:
+            if folder.name == collective.RNG_DIR and _folder_step(folder.parent) == at:
                 _die(f"in_write:{at}")
 
-        trainer_mod.write_state = write_then_die
+        collective.write_state = write_then_die
     elif point == "after_manifest":
         write_synced = ckpt._write_synced
 

@@ -10,6 +10,11 @@ from sfd_scale.config import SFDConfig, from_dict
 from sfd_scale.data.shards import RunningStats, shard_name, write_shard, write_stats
 
 TINY = dict(c_tex=4, c_sem=2, c_dino=8, hw=4, num_classes=5)
+TINY_MODEL_ARGS = ["--set", "model.size=custom", "--set", "model.depth=2", "--set", "model.hidden_size=32",
+                   "--set", "model.num_heads=2", "--set", "model.input_size=4", "--set", "model.in_channels=6",
+                   "--set", "model.semantic_channels=2", "--set", "model.num_classes=5",
+                   "--set", "model.repa_projector_dim=16", "--set", "model.repa_feature_dim=8"]
+"""Launcher arguments for a 0.1 M-parameter LightningDiT on 4x4 latents (benchmarks, CPU)."""
 
 
 def write_latent_folder(root: Path, n: int = 40, shard_size: int = 16, seed: int = 0,

@@ -17,12 +17,10 @@ from sfd_scale.bench import (
     synthetic_batch,
 )
 from sfd_scale.config import ModelConfig
+from sfd_scale.profile_step import category, format_profile, profile_training_step
+from fixtures import TINY_MODEL_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--set", "model.size=custom", "--set", "model.depth=2", "--set", "model.hidden_size=32",
-        "--set", "model.num_heads=2", "--set", "model.input_size=4", "--set", "model.in_channels=6",
-        "--set", "model.semantic_channels=2", "--set", "model.num_classes=5",
-        "--set", "model.repa_projector_dim=16", "--set", "model.repa_feature_dim=8"]
 
 
 def tiny_model(**kw) -> ModelConfig:
@@ -71,11 +69,15 @@ def test_config_without_data_and_synthetic_batch_shapes():
     assert y.dtype == torch.int64 and int(y.max()) < cfg.model.num_classes
     with pytest.raises(ValueError, match="compile 'graph' is unknown"):
         BenchOptions(compile="graph")
+    with pytest.raises(ValueError, match="compile mode 'fast' is unknown"):
+        BenchOptions(compile_mode="fast")
+    with pytest.raises(ValueError, match="profile_steps >= 0"):
+        BenchOptions(profile_steps=-1)
 
 
 def test_launcher_times_the_step_and_writes_the_json(tmp_path):
     out = tmp_path / "bench.json"
-    args = [*TINY, "--device", "cpu", "--batch-size", "4", "--warmup", "1", "--steps", "3", "--json", str(out)]
+    args = [*TINY_MODEL_ARGS, "--device", "cpu", "--batch-size", "4", "--warmup", "1", "--steps", "3", "--json", str(out)]
     done = subprocess.run([sys.executable, "launchers/bench.py", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -96,3 +98,46 @@ def test_launcher_times_the_step_and_writes_the_json(tmp_path):
     ratio = report["images_per_s"] / report["baseline"]["images_per_s"]
     assert report["speedup_vs_baseline"] == pytest.approx(ratio)
     assert report["command"].startswith("python launchers/bench.py --set model.size=custom")
+
+
+def test_profile_sums_operator_time_by_category_and_name():
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+
+    def step():
+        (a @ b).relu_().sum()
+
+    report = profile_training_step(step, torch.device("cpu"), steps=4, top=5)
+    assert report["steps"] == 4 and report["clock"].startswith("cpu")
+    names = {row["name"]: row for row in report["top"]}
+    assert names["aten::mm"]["category"] == "matmul" and names["aten::mm"]["calls_per_step"] == 1.0
+    assert len(report["top"]) == 5
+    assert sum(report["categories"].values()) == pytest.approx(report["busy_s_per_step"])
+    assert report["categories"]["matmul"] >= names["aten::mm"]["s_per_step"]
+    assert 0 < report["busy_s_per_step"] <= report["wall_s_per_step"] * 1.05
+    text = format_profile(report)
+    assert "| matmul |" in text and "aten::mm" in text
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "attention"),
+    ("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, FusedAdamMathFunctor>", "optimizer/EMA/clip"),
+    ("triton_poi_fused__to_copy_add_mul_silu_2", "triton"),
+    ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", "elementwise/reduction"),
+    ("Memcpy DtoD (Device -> Device)", "copy/memset"),
+])
+def test_kernel_categories(name, expected):
+    assert category(name) == expected
+
+
+def test_launcher_profiles_and_takes_an_inductor_mode(tmp_path):
+    out = tmp_path / "bench.json"
+    args = [*TINY_MODEL_ARGS, "--device", "cpu", "--batch-size", "2", "--warmup", "1", "--steps", "2", "--no-baseline",
+            "--compile", "blocks", "--compile-mode", "reduce-overhead", "--profile-steps", "2", "--json", str(out)]
+    done = subprocess.run([sys.executable, "launchers/bench.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["compile"] == "blocks" and report["compile_mode"] == "reduce-overhead"
+    assert report["profile"]["steps"] == 2 and report["profile"]["top"]
+    assert "| category | ms/step | share |" in done.stdout

@@ -1,19 +1,24 @@
 """DeepSpeed engine (ZeRO 1/2/3) on CPU with gloo: equivalence with one process (fp32, and bf16
-within bf16 noise), cross-rank skip of a non-finite loss, exact resume, export into a fresh
-single-process model (the route to another world size), offline consolidation, partition sizes,
-configuration and missing-package errors.
+within bf16 noise), cross-rank skip of a non-finite loss, exact resume, resume on another world
+size (2 -> 1 and 1 -> 2 ranks, also with another stage) with weights, EMA and AdamW state, export
+into a fresh single-process model, offline consolidation, partition sizes, configuration and
+missing-package and bad-checkpoint errors.
 
-The multi-process part is ONE 2-rank launch (this file run as a script, through
-tests/dist_worker.launch) that trains and resumes every stage with the real Trainer and dumps what
-the tests compare; DeepSpeed's start-up (~5 s per process) is paid once instead of per test. The
+The multi-process part is three launches of this file run as a script (through
+tests/dist_worker.launch), each training and resuming several runs with the real Trainer and
+dumping what the tests compare: 2 ranks train and resume every stage; then one process trains the
+one-rank sources and resumes the 2-rank checkpoints; then 2 ranks resume the one-rank checkpoints.
+DeepSpeed's start-up (~5 s per process) is paid once per launch instead of per test. The
 worker skips DeepSpeed's CPU shared-memory op (see _worker_main), so nothing is JIT-built;
 TORCH_EXTENSIONS_DIR still points at a per-machine cache under /tmp in case a build happens.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -39,6 +44,16 @@ EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/sfd_torch_extensio
 # recipe's mechanics (bf16 weights, fp32 master/EMA, DeepSpeed's bf16 overflow check).
 RUNS = {"zero1": (1, "fp32"), "zero2": (2, "fp32"), "zero3": (3, "fp32"), "zero2_bf16": (2, "bf16")}
 FP32_STAGES = [1, 2, 3]
+# Resumes on another world size: name -> (ranks that saved, stage saved, ranks that resume, stage
+# resumed). ZeRO-1 and ZeRO-2 share one code path (DeepSpeed's per-parameter fragment mapping of a
+# flat partition), so stage 2 stands for both in the plain cases; the mixed ones bring stage 1 in
+# (saved by one, resumed by the other) and change the partitioning scheme as well as the size.
+CROSS = {
+    "2to1_zero2": (2, 2, 1, 2), "2to1_zero3": (2, 3, 1, 3),
+    "1to2_zero2": (1, 2, 2, 2), "1to2_zero3": (1, 3, 2, 3),
+    "2to1_zero1to3": (2, 1, 1, 3), "1to2_zero3to1": (1, 3, 2, 1),
+}
+SINGLE_STAGES = sorted({saved for ranks, saved, _, _ in CROSS.values() if ranks == 1})  # one-rank sources
 
 
 def stage_config(stage: int, data_dir: Path, work: Path, engine: str = "deepspeed", precision: str = "fp32"):
@@ -49,7 +64,10 @@ def stage_config(stage: int, data_dir: Path, work: Path, engine: str = "deepspee
         ds = json.loads((Path(__file__).resolve().parents[1] / "configs/deepspeed/zero3.json").read_text())
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         path = work / "zero3_test.json"
-        path.write_text(json.dumps(ds))
+        # Every rank writes it: atomically, so no rank reads a half-written file.
+        temp = path.with_name(f".{path.name}.{os.getpid()}")
+        temp.write_text(json.dumps(ds))
+        os.replace(temp, path)
         parallel.update(deepspeed_config=str(path), activation_checkpointing="full")
     return tiny_sfd_config(
         data_dir, parallel=parallel,
@@ -142,11 +160,54 @@ def _worker_main(argv: list[str]) -> None:
     # on a busy 2-core machine, and it needs a C++ compiler). Only DeepSpeed's inference path uses
     # it; training collectives go through torch.distributed. Marking it unavailable skips the build.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    data_dir, work = Path(argv[0]), Path(argv[1])
+    data_dir, work, phase = Path(argv[0]), Path(argv[1]), argv[2]
     torch.set_num_threads(1)
+    # The engine logs which route a resume takes; the tests look for that line in the output.
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("sfd_scale.parallel.deepspeed_engine").setLevel(logging.INFO)
     dims = ParallelDims.from_env()
-    for name in RUNS:
-        _worker_run(name, data_dir, work, dims)
+    if phase == "train":
+        for name in RUNS:
+            _worker_run(name, data_dir, work, dims)
+        return
+    if phase == "single":
+        for stage in SINGLE_STAGES:
+            _worker_single_source(stage, data_dir, work, dims)
+    for name, (_, _, ranks, _) in CROSS.items():
+        if ranks == dims.world_size:
+            _worker_resume_elsewhere(name, data_dir, work, dims)
+
+
+def _worker_single_source(stage: int, data_dir: Path, work: Path, dims) -> None:
+    """One process trains ZeRO-`stage` to the checkpoint step, skipping the step that rank 1's NaN
+    skips in the 2-rank runs (so its AdamW step count lags the trainer's, as there)."""
+    from dist_worker import read_losses
+    from sfd_scale.train.trainer import Trainer
+
+    run_dir = work / f"single_zero{stage}"
+    trainer = Trainer(stage_config(stage, data_dir, work), run_dir, dims=dims)
+    poison_rank1(trainer, rank=1)  # one process holds rank 1's rows too
+    trainer.fit(CKPT_STEP)
+    torch.save({"losses": read_losses(run_dir), "skipped": trainer.skipped_steps}, run_dir / "source.pt")
+
+
+def _worker_resume_elsewhere(name: str, data_dir: Path, work: Path, dims) -> None:
+    """Resume a run folder holding only another world size's step-CKPT_STEP checkpoint (the
+    fixture copied it there) and train on to STEPS."""
+    from dist_worker import read_losses
+    from sfd_scale.train.trainer import Trainer
+
+    run_dir = work / "cross" / name
+    trainer = Trainer(stage_config(CROSS[name][3], data_dir, work), run_dir, dims=dims)
+    assert trainer.maybe_resume() and trainer.step == CKPT_STEP
+    engine = trainer.engine
+    optimizer = engine._ds.optimizer.optimizer
+    adam_steps = [float(optimizer.state[flat]["step"]) for flat in engine._flat_partitions()]
+    trainer.fit(STEPS)
+    model, ema = engine.consolidated_state()
+    if dims.is_main:
+        torch.save({"losses": read_losses(run_dir), "model": model, "ema": ema, "skipped": trainer.skipped_steps,
+                    "adam_steps": adam_steps}, work / "cross" / f"{name}.pt")
 
 
 def _main() -> None:
@@ -167,8 +228,29 @@ def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("deepspeed")
     data_dir = write_latent_folder(work / "latents")
     env = {"TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR, "WANDB_MODE": "disabled"}
-    launch(2, [str(data_dir), str(work)], work / "logs", timeout=240, script=Path(__file__), env=env)
+    launch(2, [str(data_dir), str(work), "train"], work / "logs", timeout=240, script=Path(__file__), env=env)
     return data_dir, work
+
+
+@pytest.fixture(scope="module")
+def crossed(runs):
+    """Every CROSS resume: one process (after training the one-rank sources), then 2 ranks; each
+    run folder starts with nothing but the source's step-CKPT_STEP folder. Returns all ranks' output."""
+    from dist_worker import launch
+
+    data_dir, work = runs
+    env = {"TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR, "WANDB_MODE": "disabled"}
+    step_dir = f"step-{CKPT_STEP:08d}"
+    outputs = []
+    for ranks, phase in ((1, "single"), (2, "double")):
+        for name, (saved_ranks, saved_stage, resume_ranks, _) in CROSS.items():
+            if resume_ranks == ranks:
+                source = work / (f"single_zero{saved_stage}" if saved_ranks == 1 else f"zero{saved_stage}/straight")
+                shutil.copytree(source / "checkpoints" / step_dir, work / "cross" / name / "checkpoints" / step_dir)
+        # DeepSpeed's initialize asserts that LOCAL_RANK is set, even for one process without a launcher.
+        outputs += launch(ranks, [str(data_dir), str(work), phase], work / f"logs_{phase}", timeout=240,
+                          script=Path(__file__), env={**env, "LOCAL_RANK": "0"} if ranks == 1 else env)
+    return "\n".join(outputs)
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +335,66 @@ def test_resume_is_exact(runs, name):
         assert resumed[entry].keys() == straight[entry].keys()
         for k in straight[entry]:
             assert torch.equal(resumed[entry][k], straight[entry][k]), f"{entry}.{k}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(CROSS))
+def test_resume_on_another_world_size_continues_the_uninterrupted_run(runs, crossed, name):
+    saved_ranks, saved_stage, _, stage = CROSS[name]
+    got = torch.load(runs[1] / "cross" / f"{name}.pt", weights_only=True)
+    want = _load(runs[1], f"zero{stage}")  # 2 ranks, no break (equal to one process, tested above)
+    assert (f"cross/{name}/checkpoints/step-{CKPT_STEP:08d} was saved by ZeRO-{saved_stage} on {saved_ranks} "
+            "data-parallel ranks") in crossed  # the route is logged
+    # AdamW's own step count came back: the trainer is at CKPT_STEP, one of those steps was skipped.
+    assert got["adam_steps"] and set(got["adam_steps"]) == {CKPT_STEP - 1}
+    assert got["skipped"] == want["skipped"] == 1
+    assert set(got["losses"]) == set(range(CKPT_STEP + 1, STEPS + 1))
+    for step, loss in got["losses"].items():
+        assert loss == pytest.approx(want["losses"][step], rel=LOSS_RTOL), f"step {step}"
+    # Restarting AdamW's moments instead moved the weights by 2.6e-3 in two steps (measured), 2600x PARAM_ATOL.
+    _assert_close(got["model"], want["model"], PARAM_ATOL, "model")
+    _assert_close(got["ema"], want["ema"], PARAM_ATOL, "ema")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", SINGLE_STAGES)
+def test_one_rank_sources_train_like_two_ranks(runs, crossed, stage):
+    source = torch.load(runs[1] / f"single_zero{stage}" / "source.pt", weights_only=True)
+    want = _load(runs[1], f"zero{stage}")
+    assert source["skipped"] == 1 and set(source["losses"]) == set(range(1, CKPT_STEP + 1))
+    for step, loss in source["losses"].items():
+        if step == POISON_STEP + 1:
+            assert math.isnan(loss) and math.isnan(want["losses"][step])
+        else:
+            assert loss == pytest.approx(want["losses"][step], rel=LOSS_RTOL), f"step {step}"
+
+
+@pytest.mark.distributed
+def test_fragments_of_another_model_or_a_missing_rank_are_named(runs, tmp_path):
+    from sfd_scale.models.lightningdit import build_model
+    from sfd_scale.parallel.deepspeed_engine import check_fragments
+
+    data_dir, work = runs
+    folder = work / "zero2/straight/checkpoints" / f"step-{CKPT_STEP:08d}"
+    model = build_model(stage_config(2, data_dir, work).model)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    headers = check_fragments(folder, shapes)
+    assert [h["rank"] for h in headers] == [0, 1]
+    assert headers[0]["step"] == CKPT_STEP - 1 and headers[0]["keys"] == ["exp_avg", "exp_avg_sq"]
+
+    first, second, *_ = shapes
+    other = {**shapes, first: (1, 2), "extra.weight": (3,)}
+    del other[second]
+    with pytest.raises(ValueError, match=re.escape(f"{folder} holds another model's parameters: missing "
+                                                   f"['extra.weight'], unexpected ['{second}'], other shapes "
+                                                   f"(saved -> this model) ['{first} {shapes[first]} -> (1, 2)']")):
+        check_fragments(folder, other)
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    (copy / "zero_fragments/rank00001.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{copy}: zero_fragments/rank00001.safetensors is missing"):
+        check_fragments(copy, shapes)
+    assert len(check_fragments(copy, shapes, every_rank=False)) == 1  # the same-size route reads rank 0's only
 
 
 @pytest.mark.distributed
@@ -370,17 +512,20 @@ def test_json_with_auto_values_is_completed(tmp_path):
     assert ds["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}
 
 
-def test_checkpoint_from_another_world_size_or_stage_is_refused_clearly(tmp_path):
+def test_resume_route_follows_stage_world_size_and_precision(tmp_path):
     from sfd_scale.parallel.deepspeed_engine import check_resumable
 
-    meta = {"zero_stage": 3, "world_size": 2, "bf16": False}
-    check_resumable(meta, tmp_path, stage=3, dp=2, bf16=False)
-    with pytest.raises(ValueError, match=r"from 2 data-parallel ranks and this run has 1.*export the step"):
-        check_resumable(meta, tmp_path, stage=3, dp=1, bf16=False)
-    with pytest.raises(ValueError, match=r"ZeRO-3 checkpoint but parallel.zero_stage=2"):
-        check_resumable(meta, tmp_path, stage=2, dp=2, bf16=False)
+    meta = {"zero_stage": 3, "world_size": 2, "bf16": False, "fragments": 1}
+    assert check_resumable(meta, tmp_path, stage=3, dp=2, bf16=False) is True  # DeepSpeed's own files
+    assert check_resumable(meta, tmp_path, stage=3, dp=1, bf16=False) is False  # the fragments
+    assert check_resumable(meta, tmp_path, stage=2, dp=2, bf16=False) is False
     with pytest.raises(ValueError, match=r"saved with bf16=False, this run has bf16=True"):
         check_resumable(meta, tmp_path, stage=3, dp=2, bf16=True)
+    older = {k: v for k, v in meta.items() if k != "fragments"}
+    assert check_resumable(older, tmp_path, stage=3, dp=2, bf16=False) is True
+    with pytest.raises(ValueError, match=r"ZeRO-3 checkpoint from 2 data-parallel ranks without zero_fragments/ "
+                                         r"\(saved by an older version\), and this run is ZeRO-2 on 1.*export "):
+        check_resumable(older, tmp_path, stage=2, dp=1, bf16=False)
 
 
 def test_missing_deepspeed_is_named_before_any_work(tmp_path, monkeypatch):

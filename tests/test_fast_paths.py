@@ -168,6 +168,33 @@ def test_compile_keeps_state_dict_keys_and_numbers(mode, count):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="compile mode 'all' is unknown"):
         fast_paths.apply_compile(compiled, "all")
+    with pytest.raises(ValueError, match="compile mode 'max' is unknown"):
+        fast_paths.apply_compile(compiled, "blocks", inductor_mode="max")
+
+
+@pytest.mark.skipif(not triton_installed(), reason="Triton is not installed")
+def test_fused_kernels_stay_whole_inside_a_compiled_graph():
+    """The kernels are registered custom ops: dynamo records them as single graph nodes (one graph,
+    no break) and the compiled forward and backward equal the uncompiled fused model."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fused = _model_with_weights(device)
+    fast_paths.apply_fused_kernels(fused, device)
+    block = fused.blocks[0]
+    x = torch.randn(2, 16, 32, device=device, requires_grad=True)
+    cond = torch.randn(2, 32, device=device)
+    rope = fused.feat_rope
+    explained = torch._dynamo.explain(block)(x, cond, rope)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    ops = {str(node.target) for graph in explained.graphs for node in graph.graph.nodes}
+    assert {"sfd_scale.rmsnorm_modulate.default", "sfd_scale.swiglu.default",
+            "sfd_scale.rope_rotate.default"} <= ops
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    got = compiled(x, cond, rope)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+    want = block(x, cond, rope)
+    (grad_want,) = torch.autograd.grad(want.square().sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

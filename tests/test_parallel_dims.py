@@ -137,3 +137,21 @@ def test_config_checks_name_the_setting_and_the_degrees():
     with pytest.raises(ValueError, match=r"tensor_parallel=2 but the process layout was built with tp 1"):
         check_config_fits(_cfg(engine="ddp", tensor_parallel=2), two)
     check_config_fits(_cfg(engine="ddp", grad_accum_steps=2), two)  # 8 = 2 ranks x 2 micro x 2
+
+
+def test_fast_paths_that_an_engine_cannot_run_are_refused_before_any_work():
+    two = ParallelDims(world_size=2, rank=0, master_port=1)
+    compiled = tiny_sfd_config(Path("/nonexistent"), parallel=dict(engine="deepspeed", zero_stage=3),
+                               model=dict(compile="blocks"))
+    with pytest.raises(ValueError, match=r"model.compile=blocks does not work with DeepSpeed ZeRO-3"):
+        check_config_fits(compiled, two)
+    compiled.parallel.zero_stage = 2           # ZeRO-1/2 keep whole parameters: compile runs
+    check_config_fits(compiled, two)
+    tp = ParallelDims(world_size=2, rank=0, master_port=1, tp=2)
+    fused = tiny_sfd_config(Path("/nonexistent"), parallel=dict(engine="ddp", tensor_parallel=2),
+                            model=dict(fused_kernels=True))
+    with pytest.raises(ValueError, match=r"tensor_parallel=2 runs megatron-core's linear layers eagerly"):
+        check_config_fits(fused, tp)
+    fp8 = tiny_sfd_config(Path("/nonexistent"), parallel=dict(engine="deepspeed", zero_stage=3), model=dict(fp8="rowwise"))
+    with pytest.raises(ValueError, match=r"model.fp8=rowwise does not work with DeepSpeed ZeRO-3"):
+        check_config_fits(fp8, two)

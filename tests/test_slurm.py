@@ -282,8 +282,10 @@ def test_sigterm_checkpoints_the_step_boundary_without_requeue(cluster, jobs, si
     log = cluster.log_of(job)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log[-4000:]
     assert "srun launcher, engine ddp, world 4 = 2 node(s) x 2" in log
-    stops = [line for line in log.splitlines() if "stop requested (SIGTERM)" in line]
-    assert len(stops) == 4, log[-4000:]   # SLURM signalled every rank, and they agreed on the step
+    # Every rank stops at one agreed step; a rank whose own SIGTERM lands after the agreement
+    # reports "another rank's stop signal" instead.
+    stops = [line for line in log.splitlines() if "stop requested (" in line]
+    assert len(stops) == 4 and any("stop requested (SIGTERM)" in line for line in stops), log[-4000:]
     stop = int(stops[0].split("checkpointing step ")[1].split()[0])
     assert all(f"checkpointing step {stop} on every rank" in line for line in stops)
     assert (run / "checkpoints" / f"step-{stop:08d}" / "manifest.json").is_file()

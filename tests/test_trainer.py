@@ -47,7 +47,11 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_dir):
     second.fit(6)
 
     _assert_same_state(straight, second)
-    assert _losses(tmp_path / "straight")[6] == _losses(tmp_path / "resumed")[6]
+    straight_log, resumed_log = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert straight_log[6] == resumed_log[6]
+    # log_every 2: the straight run's step-4 row averages steps 3 and 4; the resumed run logged
+    # step 3 alone (end of the first fit) and step 4 alone (a window of one step after resuming).
+    assert straight_log[4] == pytest.approx((resumed_log[3] + resumed_log[4]) / 2, rel=1e-6)
     assert second.store.complete_steps() == [3, 6]
 
 

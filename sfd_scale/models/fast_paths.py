@@ -11,15 +11,21 @@ and logged once, and leaves parameter names (state-dict keys) alone:
   * Triton kernels (`apply_fused_kernels`): fill the `activation` slot of every SwiGLU and the
     `rotate` slot of every Rope2D. Off unless asked for; on the CPU they run only under Triton's
     interpreter (tests).
+  * FP8 (`apply_fp8`): torchao's float8 training linears in place of the blocks' qkv, proj, w12
+    and w3 (the ~12 large matmuls per block; AdaLN's (B, D) inputs are too small to gain). Off
+    unless asked for; on the CPU torchao emulates it (tests).
   * compile (`apply_compile`): regional (every block) or whole-model `torch.compile`, in place.
 
 The AdamW kernel (apex FusedAdam, torch fused, foreach) is chosen in `sfd_scale.train.optim`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
+import importlib.util
 import logging
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -202,20 +208,86 @@ def apply_fused_kernels(model: nn.Module, device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# FP8
+# ----------------------------------------------------------------------------------------------
+FP8_RECIPES = ("none", "tensorwise", "rowwise", "rowwise_with_gw_hp")
+"""`model.fp8`: torchao's float8 recipe names (scales per tensor, or per row: more accurate)."""
+FP8_LINEARS = re.compile(r"^blocks\.\d+\.(.+\.)?(attn\.(qkv|proj)|mlp\.(w12|w3))$")
+"""The linears FP8 replaces: every block's large matmuls (8192 x 1536 x 4096 at XXL batch 32),
+also inside an activation-checkpointing wrapper."""
+
+
+def fp8_unavailable(device: torch.device) -> str | None:
+    """Why FP8 training cannot run on `device`, or None when it can (the CPU runs it emulated)."""
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed (pip install -e '.[fp8]')"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return (f"FP8 matmuls need compute capability 8.9 or newer (Ada, Hopper); this GPU has "
+                f"{torch.cuda.get_device_capability(device)}")
+    return None
+
+
+def apply_fp8(model: nn.Module, recipe: str, device: torch.device) -> int:
+    """Swap the blocks' large linears for torchao float8 training linears in place (same parameters,
+    same state-dict keys); returns how many. Raises ValueError when FP8 cannot run on `device`."""
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"model.fp8={recipe!r} is unknown (known: {', '.join(FP8_RECIPES)})")
+    if recipe == "none":
+        return 0
+    reason = fp8_unavailable(device)
+    if reason is not None:
+        raise ValueError(f"model.fp8={recipe} was asked for but cannot run: {reason}")
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    emulated = device.type != "cuda"
+    if emulated:
+        config = dataclasses.replace(config, emulate=True)
+    converted: set[str] = set()
+
+    def wanted(module: nn.Module, name: str) -> bool:
+        # torch's FP8 matmul needs both dimensions divisible by 16.
+        take = (isinstance(module, nn.Linear) and FP8_LINEARS.match(name) is not None
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+        if take:
+            converted.add(name)
+        return take
+
+    convert_to_float8_training(model, module_filter_fn=wanted, config=config)
+    log.info("FP8 (torchao, %s recipe%s): %d linear layers", recipe, ", emulated on the CPU" if emulated else "",
+             len(converted))
+    return len(converted)
+
+
+# ----------------------------------------------------------------------------------------------
 # Compile
 # ----------------------------------------------------------------------------------------------
-def apply_compile(model: nn.Module, mode: str, backend: str = "inductor") -> int:
+COMPILE_INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+"""Inductor modes; 'reduce-overhead' captures CUDA graphs (see `mark_step_begin`)."""
+
+
+def apply_compile(model: nn.Module, mode: str, backend: str = "inductor", inductor_mode: str = "default") -> int:
     """torch.compile in place: 'blocks' compiles each of `model.blocks` (regional: one graph reused
     by every block, short compile), 'model' the whole forward. Returns how many modules.
 
     `nn.Module.compile` keeps the module and its parameter names, so state dicts are unchanged.
     """
+    if inductor_mode not in COMPILE_INDUCTOR_MODES:
+        raise ValueError(f"compile mode {inductor_mode!r} is unknown (known: {', '.join(COMPILE_INDUCTOR_MODES)})")
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r} is unknown (known: {', '.join(COMPILE_MODES)})")
     if mode == "none":
         return 0
     targets = list(model.blocks) if mode == "blocks" else [model]
+    options = {} if inductor_mode == "default" or backend != "inductor" else {"mode": inductor_mode}
     for module in targets:
-        module.compile(backend=backend)
-    log.info("torch.compile (%s, backend %s): %d module(s)", mode, backend, len(targets))
+        module.compile(backend=backend, **options)
+    log.info("torch.compile (%s, backend %s, mode %s): %d module(s)", mode, backend, inductor_mode, len(targets))
     return len(targets)
+
+
+def mark_step_begin(inductor_mode: str) -> None:
+    """Call at the start of every training step: with CUDA graphs, the previous step's graph
+    outputs may then be overwritten (a new forward/backward pair begins)."""
+    if inductor_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()

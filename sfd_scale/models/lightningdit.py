@@ -91,7 +91,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)               # (B, N, D)
+        # Contiguous tokens: every linear of every block then reads rows without a hidden copy
+        # (and FP8 linears with row-wise scales accept only row-major inputs).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
 
 
 class LightningDiT(nn.Module):

@@ -13,13 +13,22 @@ weights instead would round every EMA input to bf16. Only `ema_model()` (preview
 `consolidated_state()` (export) gather, and both are collective: every rank must call them.
 
 Checkpoints go through DeepSpeed's own `save_checkpoint`/`load_checkpoint` into the step folder
-the trainer assembles, plus the EMA and a small JSON that records the stage and world size.
-Resume is exact on the same number of ranks. On another number, DeepSpeed itself offers two
-routes and neither fits here: its elastic stage-1/2 layout assumes DeepSpeed's own Adam (it
-asserts on torch's AdamW, whose step count lives per parameter), and its universal checkpoints
-need the offline `ds_to_universal` conversion. So another world size starts from an export
-(`consolidated_state`, or `read_consolidated` on a step folder without any process group): the
-weights and EMA carry over, the optimizer state starts afresh.
+the trainer assembles, plus the EMA, a small JSON that records the stage and world size, and
+`zero_fragments/`: one safetensors file per rank with that rank's pieces of every trainable
+parameter's fp32 master weights and AdamW moments, each with its offset in the flattened
+parameter, and the AdamW step count. The same stage on the same number of ranks resumes from
+DeepSpeed's files. Any other number of ranks, or another stage, resumes from the fragments
+(`load` picks the route from the JSON and logs it): every rank reads, from each saved file, only
+the slices that overlap its own new pieces (safetensors reads slices lazily), writes them into
+its master weights, AdamW state and EMA, and DeepSpeed then refreshes the working weights from the
+master -- the run continues as if it had never stopped. Why this route: DeepSpeed's elastic
+stage-1/2 layout asserts on torch's AdamW (whose step count lives per parameter) and its universal
+checkpoints need the offline `ds_to_universal` conversion. Local pieces rather than whole
+parameters gathered onto rank 0, because writing them needs no communication and no rank ever
+holds more than its own share; and a piece of a flattened parameter is what both a ZeRO-1/2
+fragment and a ZeRO-3 partition are, so one reader serves every stage in both directions. The
+price is disk: the fragments repeat DeepSpeed's copy of the optimizer state (12 bytes per
+trainable parameter). The EMA comes from the per-rank EMA entries, read whole, one at a time.
 """
 from __future__ import annotations
 
@@ -27,21 +36,23 @@ import importlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import safe_open
 
-from sfd_scale.config import ModelConfig, OptimConfig, SFDConfig
-from sfd_scale.models.lightningdit import build_model
+from sfd_scale.config import OptimConfig, SFDConfig
 from sfd_scale.parallel.checkpointing import clean_name
 from sfd_scale.parallel.dims import ParallelDims
 from sfd_scale.parallel.distributed import resolve_backend
-from sfd_scale.parallel.engine import Engine, StepStats
+from sfd_scale.parallel.engine import Engine, PlainModel, StepStats, plain_model_factory
 from sfd_scale.train.checkpoint import MANIFEST_NAME, read_state, write_state
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,10 @@ DEEPSPEED_PIN = "deepspeed==0.19.8"
 CHECKPOINT_TAG = "deepspeed"
 """Sub-folder of a step folder that holds DeepSpeed's own files."""
 META_FILE = "deepspeed_meta.json"
+FRAGMENTS_DIR = "zero_fragments"
+"""Sub-folder of a step folder with every rank's pieces of the fp32 master weights and AdamW state."""
+_FRAGMENTS_FORMAT = "sfd-scale-zero-fragments"
+_FRAGMENTS_VERSION = 1
 
 # Bucket sizes in elements. One XXL block holds ~42 M parameters: a 5e7-element bucket (100 MB in
 # bf16) is about one block, large enough to run NCCL at full bandwidth and small enough that the
@@ -221,16 +236,20 @@ class DeepSpeedEngine(Engine):
     layout = "deepspeed"  # type: ignore[assignment]
 
     def __init__(self, build: Callable[[], nn.Module], cfg: SFDConfig, dims: ParallelDims,
-                 device: torch.device) -> None:
-        """`build` returns the training LightningDiT (fp32, on the CPU); every rank calls this with
-        the same seed. DeepSpeed joins the existing process group (the factory creates it)."""
+                 device: torch.device, plain_model: PlainModel | None = None) -> None:
+        """`build` returns the module to train (fp32, on the CPU: the LightningDiT, or e.g. the
+        Semantic VAE); every rank calls this with the same seed. `plain_model` describes its plain
+        twin for `ema_model` (default: the LightningDiT of `cfg.model`). DeepSpeed joins the
+        existing process group (the factory creates it)."""
         ds = import_deepspeed()
         if dims.tp != 1:
             raise ValueError(f"the deepspeed engine shards over data parallelism only; got {dims.describe()}")
+        # DeepSpeed reads LOCAL_RANK, which only launchers set: a plain single process has none.
+        os.environ.setdefault("LOCAL_RANK", str(dims.local_rank))
         ds.init_distributed(dist_backend=resolve_backend(cfg.parallel.backend, device))
         if not 0.0 <= cfg.train.ema_decay <= 1.0:
             raise ValueError(f"train.ema_decay must lie in [0, 1], got {cfg.train.ema_decay}")
-        self.model_cfg = cfg.model
+        self._plain_model = plain_model_factory(cfg.model if plain_model is None else plain_model)
         self.stage = cfg.parallel.zero_stage
         self.dims = dims
         self.device = device
@@ -272,9 +291,10 @@ class DeepSpeedEngine(Engine):
         return pieces
 
     def ema_model(self) -> nn.Module:
-        """A plain LightningDiT holding the EMA weights (collective: it gathers)."""
-        module = build_model(self.model_cfg).to(self.device).eval().requires_grad_(False)
-        module.load_state_dict(self._full_ema(), strict=True)
+        """The plain model holding the EMA weights (collective: it gathers)."""
+        module = self._plain_model().to(self.device).eval().requires_grad_(False)
+        # _reference_order keeps the state-dict keys: non-persistent buffers are rebuilt, not loaded.
+        module.load_state_dict(_reference_order(self._full_ema(), module), strict=True)
         return module
 
     # -- training --------------------------------------------------------------------------------
@@ -314,21 +334,32 @@ class DeepSpeedEngine(Engine):
         names = [n for n, _ in self._trained]
         write_state(folder, _ema_rank_entry(self.dims.rank), {
             "pieces": dict(zip(names, self._ema)), "offsets": dict(zip(names, offsets))})
+        self._save_fragments(folder)
         frozen = self._frozen_params()
         if self.dims.rank == 0:
             write_state(folder, "frozen", frozen)
             meta = {"zero_stage": self.stage, "world_size": self.dims.dp,
-                    "bf16": self.ds_config["bf16"]["enabled"]}
+                    "bf16": self.ds_config["bf16"]["enabled"], "fragments": _FRAGMENTS_VERSION}
             (folder / META_FILE).write_text(json.dumps(meta))
         dist.barrier()
 
     def load(self, folder: Path) -> None:
         """Collective. `folder` is a published step folder whose manifest the caller has verified."""
         folder = Path(folder)
+        meta = _read_meta(folder)  # a folder without a manifest is refused here
+        same_layout = check_resumable(meta, folder, self.stage, self.dims.dp, self.ds_config["bf16"]["enabled"])
+        # Names and shapes first: a folder of another model fails here, before any work.
+        shapes = {name: _full_shape(p) for name, p in self._trained}
+        headers = check_fragments(folder, shapes, every_rank=not same_layout) if meta.get("fragments") else []
+        if not same_layout:
+            log.info("%s was saved by ZeRO-%d on %d data-parallel ranks; this run is ZeRO-%d on %d: resuming "
+                     "from its world-size-free %s/", folder, meta["zero_stage"], meta["world_size"], self.stage,
+                     self.dims.dp, FRAGMENTS_DIR)
+            self._load_fragments(folder, headers)
+            return
         # DeepSpeed reads its files with torch.load(weights_only=False), i.e. it unpickles them.
         # That is acceptable only for our own step folders after their checksums were verified
-        # (the trainer verifies before it calls load); anything without a manifest is refused.
-        check_resumable(_read_meta(folder), folder, self.stage, self.dims.dp, self.ds_config["bf16"]["enabled"])
+        # (the trainer verifies before it calls load).
         path, _ = self._ds.load_checkpoint(str(folder), tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                            load_lr_scheduler_states=False)
         if path is None:
@@ -338,6 +369,125 @@ class DeepSpeedEngine(Engine):
             raise ValueError(f"{folder}: the saved EMA holds other parameters than this model")
         for ema, saved in zip(self._ema, pieces.values()):
             ema.copy_(saved)
+
+    # -- world-size-free checkpoints -------------------------------------------------------------
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        """The fp32 tensors the AdamW inside DeepSpeed steps (its state is keyed by them): one flat
+        partition per parameter group under ZeRO-1/2, one per sub-group under ZeRO-3."""
+        zero = self._ds.optimizer
+        if self.stage == 3:
+            return list(zero.fp32_partitioned_groups_flat)
+        # DeepSpeedZeroOptimizer, or BF16_Optimizer (ZeRO-1, bf16, data_types.grad_accum_dtype fp32)
+        return list(getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_groups_flat_partition)
+
+    def _local_state(self, p: nn.Parameter, key: str) -> torch.Tensor:
+        """This rank's piece of AdamW state `key` (exp_avg, ...) of `p`, laid out like its master piece."""
+        if self.stage == 3:
+            return import_deepspeed().utils.safe_get_local_optimizer_state(p, key)
+        return torch.empty(0) if p._hp_mapping is None else p._hp_mapping.get_hp_fragment(key)
+
+    def _set_local(self, p: nn.Parameter, kind: str, value: torch.Tensor) -> None:
+        """Overwrite this rank's piece of the fp32 master (`kind` 'fp32') or of AdamW state `kind`."""
+        utils = import_deepspeed().utils
+        if self.stage == 3:
+            if kind == "fp32":
+                utils.safe_set_local_fp32_param(p, value)
+            else:
+                utils.safe_set_local_optimizer_state(p, value, kind)
+        elif p._hp_mapping is not None:
+            p._hp_mapping.get_hp_fragment(None if kind == "fp32" else kind).copy_(value)
+
+    def _save_fragments(self, folder: Path) -> None:
+        """Write this rank's pieces of the fp32 master weights and AdamW state (no communication)."""
+        optimizer = self._ds.optimizer.optimizer
+        stepped = [flat for flat in self._flat_partitions() if optimizer.state.get(flat)]
+        steps = {int(optimizer.state[flat]["step"]) for flat in stepped}  # empty before the first step
+        if len(steps) > 1:
+            raise RuntimeError(f"the AdamW step counts of rank {self.dims.rank}'s partitions differ: {sorted(steps)}")
+        keys = [] if not stepped else [k for k, v in optimizer.state[stepped[0]].items()
+                                       if torch.is_tensor(v) and v.shape == stepped[0].shape]
+        tensors, offsets = {}, {}
+        for (name, p), (master, offset) in zip(self._trained, self._master_pieces()):
+            if master.numel() == 0:  # ZeRO-1/2: none of this parameter lies in this rank's partition
+                continue
+            offsets[name] = offset
+            tensors[f"fp32/{name}"] = master
+            for key in keys:
+                tensors[f"{key}/{name}"] = self._local_state(p, key)
+        counters = {"global_steps": self._ds.global_steps, "global_samples": self._ds.global_samples,
+                    "skipped_steps": self._ds.skipped_steps}
+        header = {"format": _FRAGMENTS_FORMAT, "version": _FRAGMENTS_VERSION, "rank": self.dims.rank,
+                  "world_size": self.dims.dp, "zero_stage": self.stage, "step": steps.pop() if steps else 0,
+                  "keys": keys, "shapes": {name: list(_full_shape(p)) for name, p in self._trained},
+                  "offsets": offsets, "counters": counters}
+        path = _fragment_file(folder, self.dims.rank)
+        path.parent.mkdir(exist_ok=True)
+        # Copies: safetensors refuses tensors that share a storage, and the pieces view flat partitions.
+        safetensors.torch.save_file({k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}, str(path),
+                                    metadata={_FRAGMENTS_FORMAT: json.dumps(header)})
+
+    def _load_fragments(self, folder: Path, headers: list[dict[str, Any]]) -> None:
+        """Resume from the fragments of a step folder saved on any number of ranks, at any stage."""
+        zero, optimizer = self._ds.optimizer, self._ds.optimizer.optimizer
+        pieces = self._master_pieces()
+        starts = [offset for _, offset in pieces]
+        numels = [math.prod(_full_shape(p)) for _, p in self._trained]
+        kinds = ["fp32", *headers[0]["keys"]]
+        # Read everything into fresh CPU buffers first: a bad folder fails before the engine changes.
+        new = {kind: [torch.zeros(piece.numel()) for piece, _ in pieces] for kind in kinds}
+        covered = [0] * len(pieces)
+        for rank, header in enumerate(headers):
+            with safe_open(str(_fragment_file(folder, rank)), framework="pt", device="cpu") as saved:
+                for i, (name, _) in enumerate(self._trained):
+                    if name not in header["offsets"]:
+                        continue
+                    for kind in kinds:  # every kind has the same pieces, so any kind's count will do
+                        source = saved.get_slice(f"{kind}/{name}")
+                        copied = _copy_overlap(new[kind][i], starts[i], numels[i], source, header["offsets"][name],
+                                               source.get_shape()[0])
+                    covered[i] += copied
+        ema = [torch.zeros(piece.numel()) for piece, _ in pieces]
+        for rank in range(len(headers)):
+            saved_ema = read_state(folder, _ema_rank_entry(rank))
+            for i, (name, _) in enumerate(self._trained):
+                piece = saved_ema["pieces"][name]
+                _copy_overlap(ema[i], starts[i], numels[i], piece, saved_ema["offsets"][name], piece.numel())
+        for i, (name, _) in enumerate(self._trained):
+            wanted = max(0, min(starts[i] + pieces[i][0].numel(), numels[i]) - starts[i])
+            if covered[i] != wanted:
+                raise ValueError(f"{folder}/{FRAGMENTS_DIR}: the saved pieces hold {covered[i]} of the {wanted} "
+                                 f"elements of {name} that rank {self.dims.rank} needs")
+        frozen = read_state(folder, "frozen")
+
+        if self.stage == 3:
+            zero.checkpoint_event_prologue()  # everything partitioned: only ds_tensor holds weights
+        step = headers[0]["step"]
+        if step > 0:  # AdamW state exists only after its first step
+            for flat in self._flat_partitions():
+                optimizer.state[flat] = {"step": _adam_step(optimizer, step, flat.device),
+                                         **{key: torch.zeros_like(flat) for key in headers[0]["keys"]}}
+            if self.stage != 3:  # point every parameter's state fragments at the new tensors
+                zero._hp_optimizer_states_linked = False
+                zero._lazy_init_hp_params_optimizer_state()
+        with torch.no_grad():
+            for i, (_, p) in enumerate(self._trained):
+                for kind in kinds:
+                    self._set_local(p, kind, new[kind][i])
+                self._ema[i].copy_(ema[i])
+                if self.stage == 3:  # the working partition follows the master (cast to bf16 if so)
+                    p.ds_tensor.copy_(new["fp32"][i])
+            for name, p in self._frozen:
+                if self.stage == 3:
+                    _copy_overlap(p.ds_tensor, self.dims.dp_rank * p.partition_numel(), p.ds_numel,
+                                  frozen[name].flatten(), 0, p.ds_numel)
+                else:
+                    p.copy_(frozen[name].view_as(p))
+        if self.stage == 3:
+            zero.checkpoint_event_epilogue()  # re-gathers the parameters ZeRO-3 keeps whole
+        else:
+            zero.update_lp_params()  # working weights from the new master, all-gathered
+        for key, value in headers[0]["counters"].items():
+            setattr(self._ds, key, value)
 
     # -- export ----------------------------------------------------------------------------------
     def _frozen_params(self) -> dict[str, torch.Tensor]:
@@ -388,21 +538,90 @@ def _reference_order(state: dict[str, torch.Tensor], module: nn.Module) -> dict[
     return {clean_name(k): state[clean_name(k)] for k in module.state_dict()}
 
 
-def check_resumable(meta: dict[str, Any], folder: Path, stage: int, dp: int, bf16: bool) -> None:
-    """Raise ValueError unless a step folder with `meta` can resume a run of ZeRO-`stage` on `dp` ranks."""
-    if meta["zero_stage"] != stage:
-        raise ValueError(f"{folder} holds a ZeRO-{meta['zero_stage']} checkpoint but parallel.zero_stage={stage}; "
-                         "resume with the stage it was saved with")
+def check_resumable(meta: dict[str, Any], folder: Path, stage: int, dp: int, bf16: bool) -> bool:
+    """Whether a step folder with `meta` resumes a run of ZeRO-`stage` on `dp` ranks through
+    DeepSpeed's own files (True: same stage and number of ranks) or through the world-size-free
+    fragments (False); ValueError when it cannot resume it at all."""
     if meta["bf16"] != bf16:
         raise ValueError(f"{folder} was saved with bf16={meta['bf16']}, this run has bf16={bf16} "
                          "(train.precision and the device decide)")
-    if meta["world_size"] != dp:
+    if meta["zero_stage"] == stage and meta["world_size"] == dp:
+        return True
+    if not meta.get("fragments"):
         raise ValueError(
-            f"{folder} is a ZeRO-{stage} checkpoint from {meta['world_size']} data-parallel ranks and this run "
-            f"has {dp}. DeepSpeed reloads its optimizer partitions only on the same number of ranks with a "
-            "torch optimizer (other sizes need its offline ds_to_universal conversion, which this project "
-            f"does not run). Resume on {meta['world_size']} ranks, or export the step (launchers/export.py) "
-            "and start a new run from the consolidated weights (the optimizer state starts afresh).")
+            f"{folder} is a ZeRO-{meta['zero_stage']} checkpoint from {meta['world_size']} data-parallel ranks "
+            f"without {FRAGMENTS_DIR}/ (saved by an older version), and this run is ZeRO-{stage} on {dp}. "
+            f"Resume it with ZeRO-{meta['zero_stage']} on {meta['world_size']} ranks, or export the step "
+            "(launchers/export.py) and start a new run from the consolidated weights (the optimizer state "
+            "starts afresh).")
+    return False
+
+
+def check_fragments(folder: Path, shapes: dict[str, tuple[int, ...]], every_rank: bool = True
+                    ) -> list[dict[str, Any]]:
+    """The fragment headers of every rank that saved `folder` (of rank 0 alone if not `every_rank`:
+    enough to compare the model), after checking that the files are there and agree, and that they
+    hold exactly the trainable parameters named in `shapes` with those shapes; FileNotFoundError or
+    ValueError naming the folder and the difference otherwise."""
+    world = _read_meta(folder)["world_size"]
+    headers = []
+    for rank in range(world if every_rank else 1):
+        path = _fragment_file(folder, rank)
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: {path.relative_to(folder)} is missing (a step folder saved by "
+                                    f"{world} ranks holds one fragment file per rank)")
+        with safe_open(str(path), framework="pt", device="cpu") as saved:
+            header = json.loads((saved.metadata() or {}).get(_FRAGMENTS_FORMAT, "null"))
+            names = set(saved.keys())
+        if not isinstance(header, dict) or header.get("version") != _FRAGMENTS_VERSION:
+            raise ValueError(f"{path} is not a fragment file of format {_FRAGMENTS_FORMAT!r} version "
+                             f"{_FRAGMENTS_VERSION}")
+        listed = {f"{kind}/{name}" for kind in ("fp32", *header["keys"]) for name in header["offsets"]}
+        if header["rank"] != rank or header["world_size"] != world or names != listed:
+            raise ValueError(f"{path} does not hold what its header lists for rank {rank} of {world}")
+        for key in ("step", "keys", "shapes", "zero_stage", "counters"):
+            if header[key] != (headers[0] if headers else header)[key]:
+                raise ValueError(f"{folder}: ranks 0 and {rank} saved different {key!r}")
+        headers.append(header)
+    saved_shapes = {name: tuple(shape) for name, shape in headers[0]["shapes"].items()}
+    shapes = {name: tuple(shape) for name, shape in shapes.items()}
+    if saved_shapes != shapes:
+        missing, unexpected = sorted(set(shapes) - set(saved_shapes)), sorted(set(saved_shapes) - set(shapes))
+        reshaped = [f"{name} {saved_shapes[name]} -> {shape}" for name, shape in shapes.items()
+                    if saved_shapes.get(name, shape) != shape]
+        raise ValueError(f"{folder} holds another model's parameters: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, other shapes (saved -> this model) {reshaped[:5]}")
+    return headers
+
+
+def _fragment_file(folder: Path, rank: int) -> Path:
+    return folder / FRAGMENTS_DIR / f"rank{rank:05d}.safetensors"
+
+
+def _full_shape(p: nn.Parameter) -> tuple[int, ...]:
+    """A parameter's whole shape (ZeRO-3 parameters are empty placeholders outside forward)."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def _copy_overlap(target: torch.Tensor, start: int, numel: int, source: Any, source_start: int,
+                  source_len: int) -> int:
+    """Copy into `target`, elements start.. of a flattened parameter of `numel` elements, those that a
+    saved piece `source` (elements source_start.., source_len long; a tensor or a lazy safetensors
+    slice) holds; returns how many. Elements past `numel` are ZeRO-3 padding and never copied."""
+    lo, hi = max(start, source_start), min(start + target.numel(), source_start + source_len, numel)
+    if lo >= hi:
+        return 0
+    target[lo - start:hi - start] = source[lo - source_start:hi - source_start]
+    return hi - lo
+
+
+def _adam_step(optimizer: torch.optim.Optimizer, step: int, device: torch.device) -> Any:
+    """`step` in the form `optimizer` keeps it: torch's Adam and AdamW hold a float32 tensor (on the
+    parameters' device when fused or capturable), DeepSpeedCPUAdam a Python int."""
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW derives from Adam
+        on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+        return torch.tensor(float(step), dtype=torch.float32, device=device if on_device else "cpu")
+    return step
 
 
 def _ema_rank_entry(rank: int) -> str:
@@ -416,26 +635,27 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return json.loads((folder / META_FILE).read_text())
 
 
-def read_consolidated(folder: Path, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def read_consolidated(folder: Path, plain_model: PlainModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Whole fp32 (model, EMA) state dicts from a step folder written by DeepSpeedEngine, in this
-    process alone (no process group), for export. Call only after the folder's manifest was verified:
-    DeepSpeed's reader unpickles its files."""
+    process alone (no process group), for export. `plain_model` describes the model the run
+    trained (a LightningDiT config, or a function building it). Call only after the folder's
+    manifest was verified: DeepSpeed's reader unpickles its files."""
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder = Path(folder)
     meta = _read_meta(folder)
-    plain = build_model(model_cfg)
+    plain = plain_model_factory(plain_model)()
     reference = plain.state_dict()  # key set and order of the reference checkpoints
     model = {clean_name(k): v for k, v in get_fp32_state_dict_from_zero_checkpoint(
         str(folder), tag=CHECKPOINT_TAG).items()}
     frozen = read_state(folder, "frozen")
     model.update(frozen)
     if set(model) != set(reference):
-        raise ValueError(f"{folder}: the DeepSpeed checkpoint's keys do not match LightningDiT-{model_cfg.size}: "
+        raise ValueError(f"{folder}: the DeepSpeed checkpoint's keys do not match {type(plain).__name__}: "
                          f"missing {sorted(set(reference) - set(model))[:5]}, "
                          f"unexpected {sorted(set(model) - set(reference))[:5]}")
-    ema = {**frozen, **{n: model[n] for n, _ in plain.named_buffers()}}
+    ema = {**frozen, **{n: model[n] for n, _ in plain.named_buffers() if n in reference}}  # persistent ones
     ranks = [read_state(folder, _ema_rank_entry(r)) for r in range(meta["world_size"])]
     for name in ranks[0]["pieces"]:
         full = torch.zeros(reference[name].numel())

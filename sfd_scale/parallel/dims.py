@@ -231,5 +231,17 @@ def check_config_fits(cfg: SFDConfig, dims: ParallelDims) -> None:
     if p.checkpoint_attention_only and p.activation_checkpointing != "selective":
         raise ValueError("parallel.checkpoint_attention_only needs parallel.activation_checkpointing="
                          f"selective (it is {p.activation_checkpointing!r})")
+    if p.engine == "deepspeed" and p.zero_stage == 3 and cfg.model.compile != "none":
+        # torch.compile traces ZeRO-3's partitioned (empty) parameters and fails at the first step.
+        raise ValueError(f"model.compile={cfg.model.compile} does not work with DeepSpeed ZeRO-3 (its "
+                         "partitioned parameters are empty outside its hooks); set model.compile=none, or use "
+                         "parallel.zero_stage 1/2 or parallel.engine=fsdp2, which compile")
+    if p.tensor_parallel > 1 and (cfg.model.compile != "none" or cfg.model.fused_kernels or cfg.model.fp8 != "none"):
+        raise ValueError(f"parallel.tensor_parallel={p.tensor_parallel} runs megatron-core's linear layers "
+                         f"eagerly; model.compile={cfg.model.compile}, model.fused_kernels={cfg.model.fused_kernels} "
+                         f"and model.fp8={cfg.model.fp8} are not supported with it (set none / false / none)")
+    if p.engine == "deepspeed" and p.zero_stage == 3 and cfg.model.fp8 != "none":
+        raise ValueError(f"model.fp8={cfg.model.fp8} does not work with DeepSpeed ZeRO-3 (its partitioned "
+                         "parameters are empty outside its hooks); use parallel.zero_stage 1/2 or fsdp2")
     if p.backend == "nccl" and cfg.train.device == "cpu":
         raise ValueError("parallel.backend=nccl needs GPUs, but train.device=cpu; use backend gloo or auto")

@@ -7,7 +7,9 @@ code calls them unconditionally and stays free of `if distributed:` branches.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -33,12 +35,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+_JOINED = False
+"""Whether this process has joined a process group (see `exit_after_distributed_run`)."""
+
+
 def init_process_group(dims: ParallelDims, backend: str, device: torch.device) -> None:
     """Join the group described by `dims` (a no-op when one is already initialised).
 
     A single process gets a group of one on a free local port, so engines that need a group
     (ddp, fsdp2) also run without a launcher.
     """
+    global _JOINED
     if dist.is_initialized():
         if dist.get_world_size() != dims.world_size or dist.get_rank() != dims.rank:
             raise RuntimeError(f"a process group already exists with rank {dist.get_rank()} of "
@@ -48,6 +55,7 @@ def init_process_group(dims: ParallelDims, backend: str, device: torch.device) -
     backend = resolve_backend(backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    _JOINED = True
     dist.init_process_group(backend, init_method=f"tcp://{dims.master_addr}:{port}",
                             rank=dims.rank, world_size=dims.world_size, timeout=INIT_TIMEOUT,
                             device_id=device if device.type == "cuda" else None)
@@ -59,6 +67,20 @@ def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_after_distributed_run() -> None:
+    """End a launcher process that ran with peers at once, after flushing its logs.
+
+    The interpreter's normal teardown can abort on c10d/gloo threads ("terminate called without
+    an active exception", SIGABRT) after a run that succeeded, and launchers (torchrun, srun)
+    then report the job as failed. Call after `destroy_process_group`, from `__main__` only.
+    """
+    if _JOINED:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def free_port() -> int:
@@ -148,15 +170,13 @@ def raise_if_any_failed(error: BaseException | None, what: str) -> None:
         raise RuntimeError(f"{what} failed on {len(failed)} rank(s): {detail}")
 
 
-def clip_grads_and_check(grads: list[torch.Tensor], max_norm: float, loss: torch.Tensor,
-                         sharded: bool) -> tuple[float, bool]:
-    """Global gradient norm over every rank, clipping in place; (norm, all ranks finite).
+def global_grad_norm(grads: list[torch.Tensor], loss: torch.Tensor, sharded: bool) -> tuple[torch.Tensor, bool]:
+    """Global gradient norm over every rank (a device scalar) and whether the loss and the norm
+    are finite on all ranks, so every rank skips (or takes) the step together.
 
     `grads` are this rank's gradient tensors: whole and identical on every rank (`sharded`
     False: DDP, where only the loss check needs a collective) or disjoint shards (`sharded`
-    True: FSDP, whose squared norms add up over ranks). The loss and norm checks are reduced
-    over all ranks, so every rank skips (or takes) the step together. Clipping uses torch's
-    formula: scale by min(1, max_norm / (norm + 1e-6)); nothing is scaled when not finite.
+    True: FSDP, whose squared norms add up over ranks).
     """
     device = grads[0].device if grads else loss.device
     if grads:
@@ -170,8 +190,18 @@ def clip_grads_and_check(grads: list[torch.Tensor], max_norm: float, loss: torch
     else:
         bad = all_reduce(bad_loss.reshape(1), op="max")[0]
     norm = sq.sqrt()
-    finite = bool(bad.item() == 0) and bool(torch.isfinite(norm).item())
+    return norm, bool(bad.item() == 0) and bool(torch.isfinite(norm).item())
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch's clipping factor min(1, max_norm / (norm + 1e-6)), on the device."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
+def clip_grads_and_check(grads: list[torch.Tensor], max_norm: float, loss: torch.Tensor,
+                         sharded: bool) -> tuple[float, bool]:
+    """`global_grad_norm`, then clip in place (nothing is scaled when not finite); (norm, finite)."""
+    norm, finite = global_grad_norm(grads, loss, sharded)
     if finite and max_norm > 0 and grads:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        torch._foreach_mul_(grads, clip_coefficient(norm, max_norm).to(grads[0].dtype))
     return float(norm), finite

@@ -8,17 +8,35 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Union
 
 import torch
 import torch.nn as nn
 
-from sfd_scale.config import OptimConfig
-from sfd_scale.parallel.distributed import clip_grads_and_check
+from sfd_scale.config import ModelConfig, OptimConfig
+from sfd_scale.models.lightningdit import build_model
+from sfd_scale.parallel.distributed import clip_coefficient, clip_grads_and_check, global_grad_norm
 from sfd_scale.train.checkpoint import read_state, write_state
 from sfd_scale.train.ema import EMA
-from sfd_scale.train.optim import build_optimizer, set_lr
+from sfd_scale.train.optim import build_fused_ema_optimizer, build_optimizer, set_lr
+
+
+PlainModel = Union[ModelConfig, Callable[[], nn.Module]]
+"""What sharded engines fill with gathered weights (`ema_model`, offline consolidation): a
+LightningDiT config, or a function building any plain module with the training module's
+state-dict keys (e.g. the Semantic VAE)."""
+
+
+def plain_model_factory(plain: PlainModel) -> Callable[[], nn.Module]:
+    """A function that builds the plain (unwrapped, unsharded) model described by `plain`."""
+    if isinstance(plain, ModelConfig):
+        return functools.partial(build_model, plain)
+    if callable(plain):
+        return plain
+    raise TypeError(f"expected a ModelConfig or a function returning an nn.Module, got {type(plain).__name__}")
 
 
 @dataclass
@@ -46,7 +64,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def unwrap(self) -> nn.Module:
-        """The plain LightningDiT (reference parameter names) behind any wrapper."""
+        """The plain module (reference parameter names) behind any wrapper."""
 
     @abc.abstractmethod
     def ema_model(self) -> nn.Module:
@@ -93,7 +111,10 @@ class LocalEngine(Engine):
         self.model = self.module
         self.optim_cfg = optim_cfg
         self.ema = EMA(self.module, ema_decay)
-        self.optimizer = build_optimizer(self.module, optim_cfg, device)
+        if optim_cfg.fused_ema:
+            self.optimizer = build_fused_ema_optimizer(self.module, self.ema, optim_cfg, device)
+        else:
+            self.optimizer = build_optimizer(self.module, optim_cfg, device)
 
     def unwrap(self) -> nn.Module:
         return self.module
@@ -109,6 +130,8 @@ class LocalEngine(Engine):
 
     def step(self, lr: float, loss: torch.Tensor) -> StepStats:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if self.optim_cfg.fused_ema:
+            return self._fused_step(grads, lr, loss)
         grad_norm, finite = clip_grads_and_check(grads, self.optim_cfg.max_grad_norm, loss, sharded=False)
         # A non-finite loss or gradient would poison the weights and the EMA: skip the update.
         if not finite:
@@ -117,6 +140,16 @@ class LocalEngine(Engine):
         self.optimizer.step()
         self.ema.update(self.module)
         return StepStats(grad_norm, skipped=False)
+
+    def _fused_step(self, grads: list[torch.Tensor], lr: float, loss: torch.Tensor) -> StepStats:
+        """The same step with the clip scale, AdamW and the EMA in one kernel per parameter."""
+        norm, finite = global_grad_norm(grads, loss, sharded=False)
+        if not finite:
+            return StepStats(float(norm), skipped=True)
+        set_lr(self.optimizer, lr)
+        max_norm = self.optim_cfg.max_grad_norm
+        self.optimizer.step(grad_scale=clip_coefficient(norm, max_norm) if max_norm > 0 else None)
+        return StepStats(float(norm), skipped=False)
 
     def save(self, folder: Path) -> None:
         write_state(folder, "model", self.module.state_dict())

@@ -1,8 +1,9 @@
 """FSDP2 engine: parameters, gradients, optimizer state and EMA sharded over the data-parallel ranks.
 
-`fully_shard` is applied to every block, then to the root (embedders, final layer, REPA
-projector): a block's parameters are all-gathered just before it runs and freed after, and its
-gradients are reduce-scattered as soon as its backward is done. On CUDA the gathered
+`fully_shard` is applied to every repeated block (LightningDiT's `blocks`; the Semantic VAE's
+encoder and decoder blocks), then to the root (embedders, final layer, REPA projector): a
+block's parameters are all-gathered just before it runs and freed after, and its gradients are
+reduce-scattered as soon as its backward is done. On CUDA the gathered
 parameters are bf16 and gradients are reduced in fp32; on CPU everything stays fp32.
 
 The EMA is kept sharded exactly like the parameters: one local tensor per parameter shard,
@@ -30,12 +31,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from sfd_scale.config import ModelConfig, OptimConfig
-from sfd_scale.models.lightningdit import LightningDiT, build_model
+from sfd_scale.config import OptimConfig
 from sfd_scale.parallel.checkpointing import clean_name
 from sfd_scale.parallel.dims import ParallelDims
 from sfd_scale.parallel.distributed import clip_grads_and_check
-from sfd_scale.parallel.engine import Engine, StepStats
+from sfd_scale.parallel.engine import Engine, PlainModel, StepStats, plain_model_factory
 from sfd_scale.train.optim import build_optimizer, set_lr
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,18 @@ def mixed_precision(precision: str, device: torch.device) -> MixedPrecisionPolic
     return MixedPrecisionPolicy()
 
 
-def shard_model(model: LightningDiT, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:
-    """fully_shard every block, then the root for the remaining parameters."""
-    for block in model.blocks:
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The sharding units below the root: the members of every nn.ModuleList named `blocks`
+    (LightningDiT.blocks; encoder.blocks and decoder.blocks of the Semantic VAE), in forward
+    order. A model without any is sharded as one unit, the root."""
+    return [block for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] == "blocks" and isinstance(module, nn.ModuleList)
+            for block in module]
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:
+    """fully_shard every repeated block, then the root for the remaining parameters."""
+    for block in repeated_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     # The root's parameters (embedders, final layer, REPA projector) are needed at both ends of
     # the forward; resharding them after forward would gather them twice per step for little memory.
@@ -84,11 +93,13 @@ class FSDP2Engine(Engine):
 
     layout = "dcp"  # type: ignore[assignment]
 
-    def __init__(self, model: LightningDiT, model_cfg: ModelConfig, optim_cfg: OptimConfig,
+    def __init__(self, model: nn.Module, plain_model: PlainModel, optim_cfg: OptimConfig,
                  ema_decay: float, precision: str, dims: ParallelDims, device: torch.device) -> None:
+        """`model` is the module to train (fp32); `plain_model` describes its plain twin (see
+        `PlainModel`), which `ema_model` fills with the gathered EMA."""
         if dims.tp != 1:
             raise ValueError(f"the fsdp2 engine shards over data parallelism only; got {dims.describe()}")
-        self.model_cfg = model_cfg
+        self._plain_model = plain_model_factory(plain_model)
         self.optim_cfg = optim_cfg
         self.device = device
         self.mesh = init_device_mesh(device.type, (dims.dp,), mesh_dim_names=("dp",))
@@ -104,7 +115,7 @@ class FSDP2Engine(Engine):
 
     def ema_model(self) -> nn.Module:
         _, ema = self.consolidated_state()
-        module = build_model(self.model_cfg).to(self.device).eval().requires_grad_(False)
+        module = self._plain_model().to(self.device).eval().requires_grad_(False)
         module.load_state_dict(ema, strict=True)
         return module
 
@@ -155,10 +166,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
 
 
-def read_consolidated(folder: Path, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def read_consolidated(folder: Path, plain_model: PlainModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Full (model, EMA) state dicts from a step folder written by FSDP2Engine, in this process
     alone (no process group: DCP reshards the saved shards into whole tensors)."""
-    plain = build_model(model_cfg)
+    plain = plain_model_factory(plain_model)()
     model = {k: torch.empty_like(v) for k, v in plain.state_dict().items()}
     ema = {name: torch.empty_like(p) for name, p in plain.named_parameters()}
     with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point

@@ -9,6 +9,8 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from sfd_scale.config import OptimConfig
+from sfd_scale.models.fast_paths import fused_kernels_unavailable
+from sfd_scale.train.ema import EMA
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     if kernel == "apex":
         return with_adamw_interface(_apex_fused_adam())(params, adam_w_mode=True, **hyper)
     return torch.optim.AdamW(params, **hyper, **{kernel: True})
+
+
+def build_fused_ema_optimizer(model: nn.Module, ema: EMA, cfg: OptimConfig,
+                              device: torch.device) -> torch.optim.Optimizer:
+    """`kernels/adamw_ema.AdamWEMA` over the trainable parameters, updating `ema`'s copies of them
+    in the same kernel (then `ema.update` must not run). CUDA, or the CPU under Triton's interpreter."""
+    reason = fused_kernels_unavailable(device)
+    if reason is not None:
+        raise ValueError(f"optim.fused_ema cannot run: {reason}")
+    from sfd_scale.kernels.adamw_ema import AdamWEMA
+
+    pairs = [(p, e) for p, e in zip(model.parameters(), ema.model.parameters()) if p.requires_grad]
+    log.info("optimizer: AdamW + clip + EMA fused (Triton), lr %g, betas (%g, %g), weight decay %g",
+             cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay)
+    return AdamWEMA([p for p, _ in pairs], [e.data for _, e in pairs], ema.decay, lr=cfg.lr,
+                    betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

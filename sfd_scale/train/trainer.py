@@ -15,7 +15,6 @@ written once); the process-wide generators are per rank (one file each).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -28,24 +27,22 @@ from sfd_scale.config import SFDConfig, to_dict
 from sfd_scale.data.loader import LatentShardDataset, ShardLoader
 from sfd_scale.diffusion.loss import BatchPart, SFDLoss
 from sfd_scale.logging import MetricsLogger
+from sfd_scale.models.fast_paths import mark_step_begin
 from sfd_scale.models.lightningdit import LightningDiT, count_parameters
 from sfd_scale.parallel import distributed
 from sfd_scale.parallel.dims import ParallelDims, check_config_fits
 from sfd_scale.parallel.engine import Engine
 from sfd_scale.parallel.factory import build_engine
-from sfd_scale.train.checkpoint import MANIFEST_NAME, CheckpointStore, read_state, write_state
+from sfd_scale.train.checkpoint import CheckpointStore, write_state
+from sfd_scale.train.collective_checkpoint import (check_same_manifest, latest_resumable_step, restore_rank_rng,
+                                                   save_collective, save_rank_rng)
 from sfd_scale.train.guards import NumericalGuard
 from sfd_scale.train.optim import lr_at
-from sfd_scale.train.rng import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
 PreviewFn = Callable[[LightningDiT, int], Path]
 """Called with the EMA model and the step; writes a sample grid and returns its path."""
-
-
-RNG_DIR = "rng"
-"""Step sub-folder with one process-wide RNG file per rank (rank00000.safetensors/.json, ...)."""
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -146,23 +143,14 @@ class Trainer:
                 "layout": self.engine.layout, "world_size": self.dims.world_size,
                 "dp": self.dims.dp, "tp": self.dims.tp}
         state = self.trainer_state()
-        temp = distributed.run_on_main(lambda: self.store.begin(self.step))
-        error = None
-        try:
-            self.engine.save(temp)
-            (temp / RNG_DIR).mkdir(exist_ok=True)
-            write_state(temp / RNG_DIR, _rank_entry(self.dims.rank), capture_rng())
+
+        def write(folder: Path) -> None:
+            self.engine.save(folder)
+            save_rank_rng(folder, self.dims.rank)
             if self.dims.is_main:
-                write_state(temp, "trainer", state)
-        except Exception as err:  # reported collectively below, so no rank waits forever
-            error = err
-        try:
-            distributed.raise_if_any_failed(error, f"writing checkpoint step {self.step} into {temp}")
-        except RuntimeError:
-            if self.dims.is_main:
-                self.store.abandon(temp)
-            raise
-        path = distributed.run_on_main(lambda: self.store.publish(self.step, temp, meta, entries=["trainer"]))
+                write_state(folder, "trainer", state)
+
+        path = save_collective(self.store, self.step, write, meta, entries=["trainer"])
         self._saved_step = self.step
         log.info("checkpoint step %d -> %s", self.step, path)
         return path
@@ -173,14 +161,11 @@ class Trainer:
         Rank 0 chooses (and checksums) the step; every rank then loads that same step, after
         checking that it sees the same manifest (a folder not shared by all nodes is an error).
         """
-        mode = self.cfg.train.resume
-        if mode == "never":
-            return False
-        step = distributed.run_on_main(lambda: self._latest_valid_step(required=(mode == "must")))
+        step = latest_resumable_step(self.store, self.cfg.train.resume)
         if step is None:
             return False
         folder = self.store.step_dir(step)
-        self._check_same_manifest(folder)
+        check_same_manifest(folder)
         entries, meta = self.store.load(step, verify=False)
         self._check_architecture(meta)
         layout = meta.get("layout", "replicated")
@@ -191,35 +176,11 @@ class Trainer:
                              "or export it (launchers/export.py) and start from the weights")
         self.engine.load(folder)
         self.load_trainer_state(entries["trainer"])
-        self._restore_rank_rng(folder, meta)
+        restore_rank_rng(folder, self.dims.rank, meta)
         self._saved_step = step
         log.info("resumed from step %d (saved by %s rank(s), now %d)", step, meta.get("world_size", 1),
                  self.dims.world_size)
         return True
-
-    def _latest_valid_step(self, required: bool) -> int | None:
-        found = self.store.load_latest_valid(required=required)
-        return None if found is None else found[0]
-
-    def _check_same_manifest(self, folder: Path) -> None:
-        try:
-            digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
-        except OSError as err:
-            digest = f"unreadable: {err}"
-        views = distributed.all_gather_object(digest)
-        differ = [r for r, d in enumerate(views) if d != views[0]]
-        if differ:
-            raise RuntimeError(f"ranks disagree about checkpoint {folder}: ranks {differ} see another "
-                               f"manifest than rank 0 ({views[differ[0]][:80]} vs {views[0][:16]}); "
-                               "checkpoints must be on a file system every node shares")
-
-    def _restore_rank_rng(self, folder: Path, meta: dict) -> None:
-        name = _rank_entry(self.dims.rank)
-        if (folder / RNG_DIR / f"{name}.safetensors").is_file():
-            restore_rng(read_state(folder / RNG_DIR, name))
-        else:  # a run resumed on more ranks than saved it: the new ranks keep their seeded state
-            log.warning("checkpoint (saved by %s rank(s)) has no process RNG state for rank %d; "
-                        "it keeps its seeded state", meta.get("world_size", 1), self.dims.rank)
 
     def _check_architecture(self, meta: dict) -> None:
         saved = meta.get("config", {}).get("model")
@@ -236,6 +197,7 @@ class Trainer:
         x, y, feats = next(self.batches)
         use_feats = self.cfg.model.repa_depth > 0
         step_draws = self.generator.get_state()
+        mark_step_begin(self.cfg.model.compile_mode)
         self.engine.zero_grad()
         sums: dict[str, torch.Tensor] = {}
         for k in range(self.accum_steps):
@@ -281,24 +243,25 @@ class Trainer:
                                project=self.cfg.logging.project) if main else None
         progress = _progress(self.step, end, self.cfg.logging.progress_bar and main)
         window: dict[str, float] = {}
-        t0, images = time.perf_counter(), 0
+        t0, window_steps = time.perf_counter(), 0
         stopped = False
         try:
             while self.step < end:
                 result = self.train_step()
-                images += cfg.global_batch_size
+                window_steps += 1
                 for k, v in result.metrics.items():
                     window[k] = window.get(k, 0.0) + v
                 progress.update(1)
                 if self.step % cfg.log_every == 0 or self.step == end:
-                    n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                    row = {k: v / n for k, v in distributed.mean_over_ranks(window).items()}
-                    row["images_per_s"] = images / (time.perf_counter() - t0)
+                    # Averages over the steps this window really holds (fewer after a resume
+                    # between two log steps).
+                    row = {k: v / window_steps for k, v in distributed.mean_over_ranks(window).items()}
+                    row["images_per_s"] = window_steps * cfg.global_batch_size / (time.perf_counter() - t0)
                     row["skipped_steps"] = self.skipped_steps
                     if logger is not None:
                         logger.log(self.step, row)
                     progress.set_postfix(loss=f"{row['loss']:.4f}")
-                    window, t0, images = {}, time.perf_counter(), 0
+                    window, t0, window_steps = {}, time.perf_counter(), 0
                 if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
                 if self.preview is not None and cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
@@ -320,10 +283,6 @@ class Trainer:
         ema = self.engine.ema_model()  # collective for sharded engines
         if logger is not None:
             logger.log_image(self.step, "samples", self.preview(ema, self.step))
-
-
-def _rank_entry(rank: int) -> str:
-    return f"rank{rank:05d}"
 
 
 def _endless(loader: ShardLoader):

@@ -1,0 +1,118 @@
+"""AdamW, gradient-clip scaling and the EMA update in one pass over each parameter.
+
+Unfused, a step reads and writes each parameter's bytes in three places: the clip scale (read and
+write the gradient), torch's fused AdamW (read p, g, m, v; write p, m, v) and the EMA lerp (read
+ema and p; write ema): 48 bytes per fp32 parameter. Fused, one kernel reads p, g, m, v, ema and
+writes p, m, v, ema: 36 bytes, and the clip coefficient and the skip flag stay on the device, so
+the step needs no host synchronisation. On an H200 that is ~14.9 ms -> ~9 ms per XXL step
+(docs/benchmarks.md; prediction, not yet measured).
+
+The arithmetic is torch.optim.AdamW's (decoupled weight decay, bias corrections from the step
+count, `exp_avg.lerp_(grad, 1 - beta1)`), followed by `ema.lerp_(param, 1 - decay)`. The step
+counts live on the device as float32 tensors, as torch's fused and capturable AdamW keep them;
+a skipped step (non-finite loss or gradient) changes nothing, not even the counts.
+
+Plain-PyTorch twin: torch.optim.AdamW followed by torch._foreach_lerp_ (tests compare them).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+"""Elements per program."""
+
+
+@triton.jit
+def _adamw_ema_kernel(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, step_ptr, scale_ptr, skip_ptr, n,
+                      lr, beta1, beta2, eps, weight_decay, ema_weight, log_beta1, log_beta2,
+                      BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # Broadcast loads of the three device scalars (the interpreter rejects a vector mask `&` a
+    # scalar): a skipped step masks every load and store away.
+    zero = offs * 0
+    keep = tl.load(skip_ptr + zero) == 0
+    mask = (offs < n) & keep
+    step = tl.load(step_ptr + zero)
+    scale = tl.load(scale_ptr + zero)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    p = p * (1.0 - lr * weight_decay)
+    m = m + (1.0 - beta1) * (g - m)
+    v = v * beta2 + (1.0 - beta2) * g * g
+    bias1 = 1.0 - tl.exp(step * log_beta1)
+    bias2_sqrt = tl.sqrt(1.0 - tl.exp(step * log_beta2))
+    p = p - (lr / bias1) * (m / (tl.sqrt(v) / bias2_sqrt + eps))
+    tl.store(p_ptr + offs, p, mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    e = tl.load(ema_ptr + offs, mask=mask, other=0.0)
+    tl.store(ema_ptr + offs, e + ema_weight * (p - e), mask=mask)
+
+
+def _log(beta: float) -> float:
+    """log(beta) for beta ** step computed as exp(step * log(beta)); beta 0 gives 0 ** step = 0."""
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+class AdamWEMA(torch.optim.AdamW):
+    """torch.optim.AdamW whose `step` also clips (by a device scale) and updates the EMA, in one
+    Triton kernel per parameter. Its state dict is AdamW's, so checkpoints move between the two.
+
+    `ema_params[i]` is the EMA tensor of the i-th parameter (same shape, fp32, same device).
+    """
+
+    def __init__(self, params, ema_params: list[torch.Tensor], ema_decay: float, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
+        flat = [p for group in self.param_groups for p in group["params"]]
+        if len(ema_params) != len(flat) or any(e.shape != p.shape for e, p in zip(ema_params, flat)):
+            raise ValueError(f"AdamWEMA: {len(ema_params)} EMA tensors for {len(flat)} parameters, or shapes differ")
+        if any(p.dtype != torch.float32 or e.dtype != torch.float32 or not p.is_contiguous()
+               or not e.is_contiguous() for p, e in zip(flat, ema_params)):
+            raise ValueError("AdamWEMA: parameters and EMA tensors must be contiguous float32")
+        if not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"AdamWEMA: ema_decay must lie in [0, 1], got {ema_decay}")
+        self.ema_params = ema_params
+        self.ema_decay = ema_decay
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scale: torch.Tensor | None = None, skip: torch.Tensor | None = None):
+        """One update of every parameter with a gradient: grads times `grad_scale` (a device
+        scalar: the clip coefficient, default 1), nothing at all where `skip` (a device scalar,
+        nonzero = skip) is set. Neither is read on the host."""
+        if closure is not None:
+            raise ValueError("AdamWEMA.step takes no closure")
+        flat = [p for group in self.param_groups for p in group["params"]]
+        ema_of = dict(zip(map(id, flat), self.ema_params))
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            device = params[0].device
+            scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device, torch.float32)
+            skipped = torch.zeros((), device=device) if skip is None else skip.to(device, torch.float32)
+            steps = []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                steps.append(state["step"].to(device) if state["step"].device != device else state["step"])
+                state["step"] = steps[-1]
+            torch._foreach_add_(steps, 1.0 - skipped)  # counts advance unless skipped (on the device)
+            for p, step in zip(params, steps):
+                state = self.state[p]
+                n = p.numel()
+                _adamw_ema_kernel[(triton.cdiv(n, _BLOCK),)](
+                    p, p.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], ema_of[id(p)], step, scale,
+                    skipped, n, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                    1.0 - self.ema_decay, _log(beta1), _log(beta2), BLOCK=_BLOCK)
+        return None

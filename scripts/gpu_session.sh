@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One GPU session's checks and timings, in order of importance, inside a fixed time budget.
+#
+#   OUT=/path/to/results SESSION_BUDGET_S=450 bash scripts/gpu_session.sh [STEP ...]
+#
+# STEP names a check below (default: all, in the order listed).
+# Runs on the GPU machine from the repository root with the image's python3 (torch, triton);
+# the reference step needs the reference code in .peer/sfd and .peer/peer_bench.py
+# (see docs/benchmarks.md); wheels in .whl/ (torchao for the FP8 steps) are installed first. Every step gets its own timeout and is skipped when the budget left
+# cannot hold it; JSON figures, profiles and the full log land in $OUT, a summary prints last.
+set -u
+OUT=${OUT:?set OUT to a results folder}
+BUDGET=${SESSION_BUDGET_S:-450}
+PY=${PYTHON:-python3}
+START=$(date +%s)
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+# Without `pip install` (the GPU image has every dependency), the package dir setup.py maps
+# kernels/ to must exist: sfd_scale.kernels.
+[ -e sfd_scale/kernels ] || ln -s ../kernels sfd_scale/kernels
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$LOG" 2>&1
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+: > "$OUT/summary.txt"
+
+# step NAME TIMEOUT_S COMMAND...: run if the budget still holds TIMEOUT_S, log everything.
+step() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if (( left < limit )); then
+    echo "SKIPPED $name (needs ${limit}s, ${left}s left)" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  echo "=== $name: $*" >> "$LOG"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT/summary.txt"
+}
+
+XXL=(launchers/bench.py --batch-size 32 --warmup 3 --steps 10 ${BENCH_ARGS:-})
+run_named() {
+  case $1 in
+    env) step env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'" ;;
+    ceiling) step ceiling 40 $PY .peer/peer_bench.py ceiling ;;
+    blocks) step blocks_with_baseline_and_profile 180 $PY "${XXL[@]}" --compile blocks --profile-steps 3 --json "$OUT/xxl_blocks.json" ;;
+    blocks_fused) step blocks_fused_kernels 150 env TORCH_LOGS=graph_breaks $PY "${XXL[@]}" --compile blocks --fused-kernels \
+      --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused.json" ;;
+    blocks_graphs) step blocks_cuda_graphs 150 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+      --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_graphs.json" ;;
+    eager_fused) step eager_fused_kernels_with_baseline 90 $PY "${XXL[@]}" --fused-kernels --json "$OUT/xxl_eager_fused.json" ;;
+    ac_blocks) step ac_full_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing full --no-baseline --json "$OUT/xxl_ac_blocks.json" ;;
+    kernel_tests) step kernel_tests 60 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py ;;
+    reference) step reference_as_shipped 110 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
+    model) step model_compile 180 $PY "${XXL[@]}" --compile model --no-baseline --json "$OUT/xxl_model.json" ;;
+    fp8) step fp8_rowwise_blocks 150 $PY "${XXL[@]}" --compile blocks --fp8 rowwise --no-baseline \
+      --profile-steps 3 --json "$OUT/xxl_fp8_blocks.json" ;;
+    fp8_curve) step fp8_vs_bf16_loss_curve 240 $PY launchers/compare_precision.py --set optim.lr=2e-4 \
+      --recipes none rowwise --steps 300 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
+    blocks_fused_ema) step blocks_fused_adamw_ema 150 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+      --set optim.fused_ema=true --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused_ema.json" ;;
+    optimizer) step optimizer_fused_vs_torch 90 $PY launchers/bench_optimizer.py --config configs/sfd_xxl.yaml ;;
+    model_graphs) step model_cuda_graphs 200 $PY "${XXL[@]}" --compile model --compile-mode reduce-overhead \
+      --no-baseline --json "$OUT/xxl_model_graphs.json" ;;
+    *) echo "unknown step $1" | tee -a "$OUT/summary.txt" ;;
+  esac
+}
+STEPS=("$@")
+(( ${#STEPS[@]} )) || STEPS=(env ceiling reference blocks_graphs optimizer blocks_fused_ema fp8 fp8_curve blocks ac_blocks kernel_tests blocks_fused eager_fused model model_graphs)
+for name in "${STEPS[@]}"; do run_named "$name"; done
+
+# Summary: one line per measured run.
+$PY - "$OUT" >> "$OUT/summary.txt" <<'PYEOF'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("xxl_*.json")):
+    r = json.loads(path.read_text())
+    for run in [r] + ([r["baseline"]] if "baseline" in r else []):
+        print(f"{path.stem:22s} {run['label']:12s} {run.get('compile_mode', '-'):16s} {run['images_per_s']:7.1f} img/s {run['step_s_median']*1e3:7.1f} ms "
+              f"{run['tflops_per_s']:6.1f} TFLOP/s MFU {run['mfu']['vs_measured_ceiling']:.1%} peak {run['peak_mem_gib'] or 0:.1f} GiB")
+    if "profile" in r:
+        cats = ", ".join(f"{k} {v*1e3:.1f}" for k, v in r["profile"]["categories"].items())
+        print(f"  profile ms/step: wall {r['profile']['wall_s_per_step']*1e3:.1f}, busy {r['profile']['busy_s_per_step']*1e3:.1f}: {cats}")
+PYEOF
+[ -f "$OUT/fp8_curve.json" ] && $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); print("fp8 curve:", r["against_reference"])' \
+  "$OUT/fp8_curve.json" >> "$OUT/summary.txt"
+grep -h '"what"\|^| clip + AdamW\|^| fused kernel' "$LOG" >> "$OUT/summary.txt"
+cat "$OUT/summary.txt"

@@ -1,0 +1,91 @@
+"""Loss curves of the same training run in different matmul precisions (bf16 against FP8 recipes).
+
+FP8 is trusted only after its loss curve follows bf16's from the same seed, on the same batches,
+through the same noise and time draws. `loss_curves` trains one fresh model per recipe for
+`steps` steps (the benchmark's single-device step: loss, backward, clipping, AdamW, EMA) and
+compares each curve with the first: the mean and largest relative gap of the smoothed curves, and
+the ratio of their final losses. Batches come from the run's latent shards when `data.data_dir`
+is a folder (the first `pool` batches of the seeded loader, cycled), else they are synthetic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import logging
+
+import torch
+
+from sfd_scale.bench import SYNTHETIC_DATA, Variant, build_training_step, synthetic_batch
+from sfd_scale.config import SFDConfig
+from sfd_scale.data.loader import LatentShardDataset, ShardLoader
+
+log = logging.getLogger(__name__)
+
+
+def training_batches(cfg: SFDConfig, batch_size: int, pool: int, device: torch.device
+                     ) -> tuple[list[tuple[torch.Tensor, ...]], str]:
+    """`pool` batches on `device` and where they came from."""
+    if cfg.data.data_dir == SYNTHETIC_DATA:
+        return [synthetic_batch(cfg.model, batch_size, device, cfg.train.seed + i) for i in range(pool)], "synthetic"
+    dataset = LatentShardDataset(cfg.data.data_dir, latent_norm=cfg.data.latent_norm,
+                                 latent_sv_norm=cfg.data.latent_sv_norm, latent_multiplier=cfg.data.latent_multiplier)
+    loader = ShardLoader(dataset, batch_size=batch_size, seed=cfg.train.seed, random_flip=cfg.data.random_flip,
+                         device=device)
+    return [tuple(batch) for batch in itertools.islice(iter(loader), pool)], str(cfg.data.data_dir)
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what exists so far)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def compare(reference: list[float], other: list[float], window: int) -> dict:
+    """Relative gaps of `other`'s smoothed curve from `reference`'s."""
+    ref, oth = smooth(reference, window), smooth(other, window)
+    gaps = [abs(o - r) / abs(r) for r, o in zip(ref, oth)]
+    tail = max(1, len(reference) // 10)
+    return {"mean_relative_gap": sum(gaps) / len(gaps), "max_relative_gap": max(gaps),
+            "final_loss_ratio": (sum(other[-tail:]) / tail) / (sum(reference[-tail:]) / tail)}
+
+
+def loss_curves(cfg: SFDConfig, base: Variant, recipes: list[str], steps: int, batch_size: int, pool: int,
+                device: torch.device, window: int = 10) -> dict:
+    """Train one fresh model per FP8 recipe ('none' = bf16) from the same seed; curves and gaps."""
+    if not recipes or steps < 1 or pool < 1 or window < 1:
+        raise ValueError(f"need recipes, steps >= 1, pool >= 1 and window >= 1; got {recipes}, {steps}, {pool}, {window}")
+    batches, source = training_batches(cfg, batch_size, pool, device)
+    curves: dict[str, list[float]] = {}
+    for recipe in recipes:
+        engine, step = build_training_step(cfg, dataclasses.replace(base, label=recipe, fp8=recipe), batches, device)
+        losses = [step()[0]["loss"] for _ in range(steps)]
+        curves[recipe] = torch.stack(losses).float().tolist()  # one sync per curve
+        log.info("%s: loss %.4f -> %.4f over %d steps", recipe, curves[recipe][0], curves[recipe][-1], steps)
+        del engine, step
+    reference = recipes[0]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "data": source, "batch_size": batch_size, "pool": pool, "steps": steps, "window": window,
+        "model": {"size": cfg.model.size, "depth": cfg.model.depth, "hidden_size": cfg.model.hidden_size},
+        "compile": base.compile, "reference": reference, "curves": curves,
+        "against_reference": {r: compare(curves[reference], curves[r], window) for r in recipes[1:]},
+    }
+
+
+def format_comparison(report: dict) -> str:
+    lines = [f"{report['device']}, {report['steps']} steps, batch {report['batch_size']}, data {report['data']}; "
+             f"reference {report['reference']}",
+             "| recipe | first loss | last loss | mean gap | max gap | final ratio |", "|---|---|---|---|---|---|"]
+    for recipe, curve in report["curves"].items():
+        gap = report["against_reference"].get(recipe)
+        cells = ["-", "-", "-"] if gap is None else [f"{gap['mean_relative_gap']:.2%}", f"{gap['max_relative_gap']:.2%}",
+                                                     f"{gap['final_loss_ratio']:.4f}"]
+        lines.append(f"| {recipe} | {curve[0]:.4f} | {curve[-1]:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

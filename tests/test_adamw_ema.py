@@ -1,0 +1,156 @@
+"""The fused AdamW + clip scale + EMA kernel against torch.optim.AdamW followed by the EMA lerp."""
+import copy
+
+import pytest
+import torch
+
+from sfd_scale.kernels import triton_installed
+from fixtures import triton_interpreter_without_gpu  # noqa: F401  (autouse, module scope)
+
+pytestmark = pytest.mark.skipif(not triton_installed(), reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+
+
+def params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # A size that is not a multiple of the kernel's block, a matrix and a scalar-like vector.
+    return [torch.randn(*shape, generator=g).to(DEVICE).requires_grad_() for shape in ((1500,), (33, 40), (1,))]
+
+
+def set_grads(ps, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g).to(DEVICE)
+
+
+def test_fused_step_equals_adamw_then_ema_with_clip_scale_and_skips():
+    from sfd_scale.kernels.adamw_ema import AdamWEMA
+
+    ref, ours = params(), params()
+    ref_ema = [p.detach().clone() for p in ref]
+    ours_ema = [p.detach().clone() for p in ours]
+    torch_opt = torch.optim.AdamW(ref, foreach=False, **HYPER)
+    fused = AdamWEMA(ours, ours_ema, ema_decay=0.9, **HYPER)
+    scales = [1.0, 0.25, 1.0, 0.5]
+    skips = [0, 0, 1, 0]
+    for step, (scale, skip) in enumerate(zip(scales, skips)):
+        set_grads(ref, step)
+        set_grads(ours, step)
+        if not skip:
+            with torch.no_grad():
+                for p in ref:
+                    p.grad.mul_(scale)
+            torch_opt.step()
+            torch._foreach_lerp_(ref_ema, [p.detach() for p in ref], 0.1)
+        before = [p.detach().clone() for p in ours]
+        fused.step(grad_scale=torch.tensor(scale, device=DEVICE), skip=torch.tensor(skip, device=DEVICE))
+        if skip:  # nothing moved: weights, moments, counts, EMA
+            assert all(torch.equal(b, p) for b, p in zip(before, ours))
+        for a, b in zip(ref + ref_ema, ours + ours_ema):
+            torch.testing.assert_close(b.detach(), a.detach(), rtol=2e-6, atol=2e-7)
+    for a, b in zip(ref, ours):
+        sa, sb = torch_opt.state[a], fused.state[b]
+        assert float(sb["step"]) == float(sa["step"]) == 3.0
+        torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=2e-6, atol=1e-8)
+        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=2e-6, atol=1e-10)
+
+
+def test_state_dict_moves_between_adamw_and_the_fused_optimizer():
+    from sfd_scale.kernels.adamw_ema import AdamWEMA
+
+    ref, ours = params(), params()
+    torch_opt = torch.optim.AdamW(ref, foreach=False, **HYPER)
+    for step in range(2):
+        set_grads(ref, step)
+        torch_opt.step()
+    fused = AdamWEMA(ours, [p.detach().clone() for p in ours], ema_decay=0.9, **HYPER)
+    with torch.no_grad():
+        for a, b in zip(ref, ours):
+            b.copy_(a)
+    fused.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    set_grads(ref, 2)
+    set_grads(ours, 2)
+    torch_opt.step()
+    fused.step()
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=2e-6, atol=2e-7)
+    assert set(fused.state_dict()["state"][0]) == set(torch_opt.state_dict()["state"][0])
+
+
+def test_bad_ema_tensors_are_refused():
+    from sfd_scale.kernels.adamw_ema import AdamWEMA
+
+    ps = params()
+    with pytest.raises(ValueError, match="3 EMA tensors for 3 parameters, or shapes differ"):
+        AdamWEMA(ps, [torch.zeros(2, device=DEVICE)] * 3, ema_decay=0.9)
+    with pytest.raises(ValueError, match="ema_decay must lie in"):
+        AdamWEMA(ps, [p.detach().clone() for p in ps], ema_decay=1.5)
+
+
+def test_optimizer_benchmark_runs_both_variants():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny = ["--set", "model.size=custom", "--set", "model.depth=2", "--set", "model.hidden_size=32",
+            "--set", "model.num_heads=2", "--set", "model.repa_projector_dim=16", "--set", "model.repa_feature_dim=8",
+            "--set", "train.device=cpu", "--steps", "1"]
+    done = subprocess.run([sys.executable, "launchers/bench_optimizer.py", *tiny], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| clip + AdamW + EMA lerp |" in done.stdout and "| fused kernel |" in done.stdout
+
+
+def test_local_engine_with_the_fused_kernel_takes_the_same_steps():
+    from sfd_scale.config import ModelConfig, OptimConfig
+    from sfd_scale.models.lightningdit import build_model
+    from sfd_scale.parallel.engine import LocalEngine
+
+    cfg = ModelConfig(size="custom", depth=1, hidden_size=32, num_heads=2, input_size=4, in_channels=6,
+                      semantic_channels=2, num_classes=5, repa_depth=1, repa_projector_dim=16, repa_feature_dim=8)
+    device = torch.device(DEVICE)
+    engines = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()      # eval: no label dropout, both engines see the same forward
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)   # leave AdaLN-Zero: every parameter gets a gradient
+        # max_grad_norm 0.05: every step is clipped.
+        optim = OptimConfig(lr=1e-2, weight_decay=0.01, max_grad_norm=0.05, fused_ema=fused)
+        engines.append(LocalEngine(model, optim, ema_decay=0.8, device=device))
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        x, t = torch.randn(2, 6, 4, 4, generator=g).to(device), torch.rand(2, generator=g).to(device)
+        stats = []
+        for engine in engines:
+            engine.zero_grad()
+            out, repa = engine.model(x, t, t, torch.tensor([1, 3], device=device), return_repa=True)
+            loss = out.square().mean() + repa.square().mean()
+            engine.backward(loss)
+            stats.append(engine.step(1e-2, loss.detach()))
+        assert stats[0].grad_norm == pytest.approx(stats[1].grad_norm, rel=1e-4) and stats[0].grad_norm > 0.05
+    plain, fused = engines
+    # The first step agrees to 1 ulp; Adam's division by tiny second moments then grows rounding
+    # differences to ~6e-6 after 3 steps of size ~1e-2 (1/1600 of a step): atol 2e-5.
+    for name, a in plain.module.state_dict().items():
+        torch.testing.assert_close(fused.module.state_dict()[name], a, rtol=1e-4, atol=2e-5, msg=name)
+    for name, a in plain.ema.state_dict().items():
+        torch.testing.assert_close(fused.ema.state_dict()[name], a, rtol=1e-4, atol=2e-5, msg=name)
+    assert not torch.equal(fused.ema.state_dict()["blocks.0.mlp.w12.weight"],
+                           fused.module.state_dict()["blocks.0.mlp.w12.weight"])   # the EMA lags
+
+
+def test_fused_ema_refuses_a_device_it_cannot_run_on(monkeypatch):
+    from sfd_scale.config import ModelConfig, OptimConfig
+    from sfd_scale.models.lightningdit import build_model
+    from sfd_scale.parallel.engine import LocalEngine
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal")
+    cfg = ModelConfig(size="custom", depth=1, hidden_size=32, num_heads=2, input_size=4, in_channels=6,
+                      semantic_channels=2, num_classes=5, repa_depth=0)
+    with pytest.raises(ValueError, match="optim.fused_ema cannot run: they need a CUDA device"):
+        LocalEngine(build_model(cfg), OptimConfig(fused_ema=True), 0.9, torch.device("cpu"))
