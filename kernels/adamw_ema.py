@@ -36,7 +36,8 @@ def _adamw_ema_kernel(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, step_ptr, scale_ptr, 
     zero = offs * 0
     keep = tl.load(skip_ptr + zero) == 0
     mask = (offs < n) & keep
-    step = tl.load(step_ptr + zero)
+    # At least 1: a step skipped before any update leaves the count at 0 (nothing is stored then).
+    step = tl.maximum(tl.load(step_ptr + zero), 1.0)
     scale = tl.load(scale_ptr + zero)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)

@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="inductor mode of --compile ('reduce-overhead': CUDA graphs)")
     parser.add_argument("--fp8", choices=FP8_RECIPES, default="none",
                         help="torchao float8 recipe for the blocks' large linears (Ada/Hopper GPUs)")
+    parser.add_argument("--sync-free", action="store_true",
+                        help="no host synchronisation in the step (needs --set optim.fused_ema=true)")
     parser.add_argument("--fused-kernels", action="store_true", help="Triton SwiGLU and RoPE kernels")
     parser.add_argument("--device", default=None, help="train.device (default: the config's; auto)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = bench_config(args.config, overrides)
     options = BenchOptions(batch_size=args.batch_size, warmup_steps=args.warmup, steps=args.steps,
                            attention=args.attention or cfg.model.attention, compile=args.compile, compile_mode=args.compile_mode, fp8=args.fp8,
+                           sync_free=args.sync_free,
                            fused_kernels=args.fused_kernels, baseline=not args.no_baseline,
                            profile_steps=args.profile_steps)
     command = shlex.join(["python", "launchers/bench.py", *(sys.argv[1:] if argv is None else argv)])

@@ -61,6 +61,8 @@ run_named() {
       --recipes none rowwise --steps 300 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
     blocks_fused_ema) step blocks_fused_adamw_ema 150 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused_ema.json" ;;
+    sync_free) step blocks_graphs_fused_ema_sync_free 150 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+      --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free.json" ;;
     optimizer) step optimizer_fused_vs_torch 90 $PY launchers/bench_optimizer.py --config configs/sfd_xxl.yaml ;;
     model_graphs) step model_cuda_graphs 200 $PY "${XXL[@]}" --compile model --compile-mode reduce-overhead \
       --no-baseline --json "$OUT/xxl_model_graphs.json" ;;
@@ -68,7 +70,7 @@ run_named() {
   esac
 }
 STEPS=("$@")
-(( ${#STEPS[@]} )) || STEPS=(env ceiling reference blocks_graphs optimizer blocks_fused_ema fp8 fp8_curve blocks ac_blocks kernel_tests blocks_fused eager_fused model model_graphs)
+(( ${#STEPS[@]} )) || STEPS=(env ceiling reference blocks_graphs optimizer blocks_fused_ema sync_free fp8 fp8_curve blocks ac_blocks kernel_tests blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 
 # Summary: one line per measured run.

@@ -92,6 +92,9 @@ class BenchOptions:
     """Triton SwiGLU and RoPE kernels (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     fp8: str = "none"
     """torchao float8 recipe for the blocks' large linears (FP8_RECIPES); 'none' is bf16."""
+    sync_free: bool = False
+    """Steps with no host synchronisation (needs optim.fused_ema): the skip check stays on the
+    device. What a trainer reading its metrics a step late would reach."""
     baseline: bool = True
     """Also measure the plain-eager baseline in the same run."""
     profile_steps: int = 0
@@ -124,6 +127,7 @@ class Variant:
     fused_kernels: bool
     compile_mode: str = "default"
     fp8: str = "none"
+    sync_free: bool = False
 
 
 def bench_config(path: str | Path | None, overrides: list[str]) -> SFDConfig:
@@ -231,8 +235,9 @@ def datasheet_peak_tflops(name: str, dtype: torch.dtype) -> float | None:
     return next((peak for key, peak in DATASHEET_BF16_DENSE_TFLOPS if key in name), None)
 
 
-StepFn = Callable[[], tuple[dict[str, torch.Tensor], bool]]
-"""One full training step; returns its loss terms and whether the update was skipped."""
+StepFn = Callable[[], tuple[dict[str, torch.Tensor], bool | torch.Tensor]]
+"""One full training step; returns its loss terms and whether the update was skipped (a device
+scalar for sync-free steps)."""
 
 
 def build_training_step(cfg: SFDConfig, variant: Variant, batches: list[tuple[torch.Tensor, ...]],
@@ -260,7 +265,10 @@ def build_training_step(cfg: SFDConfig, variant: Variant, batches: list[tuple[to
         with autocast_for(cfg.train.precision, device):
             terms = loss_fn(engine.model, x, y, feats if use_feats else None, generator=generator)
         engine.backward(terms["loss"])
-        skipped = engine.step(cfg.optim.lr, terms["loss"].detach()).skipped
+        if variant.sync_free:
+            skipped = engine.step_on_device(cfg.optim.lr, terms["loss"].detach())[1]
+        else:
+            skipped = engine.step(cfg.optim.lr, terms["loss"].detach()).skipped
         return {name: value.detach() for name, value in terms.items()}, skipped
 
     return engine, step
@@ -274,11 +282,11 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
         torch.cuda.reset_peak_memory_stats(device)
     batch = synthetic_batch(cfg.model, options.batch_size, device, cfg.train.seed)
     engine, run_step = build_training_step(cfg, variant, [batch], device)
-    skipped = 0
+    skipped = 0  # a device scalar for sync-free steps, read once at the end
 
     def step(run: StepFn = run_step) -> None:
         nonlocal skipped
-        skipped += run()[1]
+        skipped = skipped + run()[1]
 
     for _ in range(options.warmup_steps):
         step()
@@ -291,10 +299,11 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
     if device.type == "cuda":
         torch.cuda.empty_cache()
     median = statistics.median(times)
+    skipped = int(skipped)
     if skipped:
         log.warning("%s: %d step(s) were skipped as non-finite; their time still counts", variant.label, skipped)
     return {"label": variant.label, "attention": backend, "compile": variant.compile,
-            "compile_mode": variant.compile_mode, "fp8": variant.fp8,
+            "compile_mode": variant.compile_mode, "fp8": variant.fp8, "sync_free": variant.sync_free,
             "fused_kernels": variant.fused_kernels, "images_per_s": options.batch_size / median,
             "step_s_median": median, "step_s_all": times, "peak_mem_gib": peak,
             **({"profile": profile} if profile is not None else {})}
@@ -317,6 +326,8 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
     reason = fused_kernels_unavailable(device) if options.fused_kernels else None
     if reason is not None:
         raise ValueError(f"--fused-kernels cannot run: {reason}")
+    if options.sync_free and not cfg.optim.fused_ema:
+        raise ValueError("--sync-free needs --set optim.fused_ema=true (the skip then happens inside its kernel)")
     reason = fp8_unavailable(device) if options.fp8 != "none" else None
     if reason is not None:
         raise ValueError(f"--fp8 {options.fp8} cannot run: {reason}")
@@ -329,7 +340,7 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
     ceiling = matmul_ceiling_tflops(device, dtype)
     peak = datasheet_peak_tflops(name, dtype)
     fast = Variant("configured", options.attention, options.compile, options.fused_kernels, options.compile_mode,
-                   options.fp8)
+                   options.fp8, options.sync_free)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,

@@ -154,3 +154,30 @@ def test_fused_ema_refuses_a_device_it_cannot_run_on(monkeypatch):
                       semantic_channels=2, num_classes=5, repa_depth=0)
     with pytest.raises(ValueError, match="optim.fused_ema cannot run: they need a CUDA device"):
         LocalEngine(build_model(cfg), OptimConfig(fused_ema=True), 0.9, torch.device("cpu"))
+
+
+def test_step_on_device_skips_a_non_finite_loss_inside_the_kernel():
+    from sfd_scale.config import ModelConfig, OptimConfig
+    from sfd_scale.models.lightningdit import build_model
+    from sfd_scale.parallel.engine import LocalEngine
+
+    cfg = ModelConfig(size="custom", depth=1, hidden_size=32, num_heads=2, input_size=4, in_channels=6,
+                      semantic_channels=2, num_classes=5, repa_depth=0)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)   # leave AdaLN-Zero: the loss has gradients
+    engine = LocalEngine(model, OptimConfig(lr=1e-2, fused_ema=True), 0.9, torch.device(DEVICE))
+    x, t = torch.randn(2, 6, 4, 4, device=DEVICE), torch.rand(2, device=DEVICE)
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    for loss_scale, expect_skip in ((float("nan"), True), (1.0, False)):
+        engine.zero_grad()
+        loss = engine.model(x, t, t, torch.tensor([1, 3], device=DEVICE)).square().mean() * loss_scale
+        engine.backward(loss)
+        norm, skipped = engine.step_on_device(1e-2, loss.detach())
+        assert norm.device.type == DEVICE and bool(skipped) == expect_skip
+        changed = any(not torch.equal(before[k], v) for k, v in engine.module.state_dict().items())
+        assert changed == (not expect_skip)
+    with pytest.raises(ValueError, match="needs optim.fused_ema=true"):
+        LocalEngine(build_model(cfg), OptimConfig(), 0.9, torch.device(DEVICE)).step_on_device(1e-2, loss)

@@ -1,6 +1,7 @@
 """The training-step benchmark: FLOP count against a hand count and SPEC section 6, the datasheet
 table, synthetic batches, and the launcher end to end on a tiny model (CPU)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,18 @@ def test_launcher_profiles_and_takes_an_inductor_mode(tmp_path):
     assert report["compile"] == "blocks" and report["compile_mode"] == "reduce-overhead"
     assert report["profile"]["steps"] == 2 and report["profile"]["top"]
     assert "| category | ms/step | share |" in done.stdout
+
+
+def test_launcher_sync_free_step_needs_the_fused_optimizer(tmp_path):
+    out = tmp_path / "bench.json"
+    base = [*TINY_MODEL_ARGS, "--device", "cpu", "--batch-size", "2", "--warmup", "1", "--steps", "2", "--no-baseline",
+            "--sync-free"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    refused = subprocess.run([sys.executable, "launchers/bench.py", *base], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300, env=env)
+    assert refused.returncode != 0 and "--sync-free needs --set optim.fused_ema=true" in refused.stderr
+    done = subprocess.run([sys.executable, "launchers/bench.py", *base, "--set", "optim.fused_ema=true",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["sync_free"] is True and len(report["step_s_all"]) == 2

@@ -170,9 +170,10 @@ def raise_if_any_failed(error: BaseException | None, what: str) -> None:
         raise RuntimeError(f"{what} failed on {len(failed)} rank(s): {detail}")
 
 
-def global_grad_norm(grads: list[torch.Tensor], loss: torch.Tensor, sharded: bool) -> tuple[torch.Tensor, bool]:
-    """Global gradient norm over every rank (a device scalar) and whether the loss and the norm
-    are finite on all ranks, so every rank skips (or takes) the step together.
+def grad_norm_and_bad_loss(grads: list[torch.Tensor], loss: torch.Tensor, sharded: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global gradient norm over every rank and a 0/1 flag for a non-finite loss on any rank,
+    both device scalars (no host synchronisation).
 
     `grads` are this rank's gradient tensors: whole and identical on every rank (`sharded`
     False: DDP, where only the loss check needs a collective) or disjoint shards (`sharded`
@@ -189,7 +190,13 @@ def global_grad_norm(grads: list[torch.Tensor], loss: torch.Tensor, sharded: boo
         sq, bad = all_reduce(torch.stack([sq, bad_loss])).unbind(0)
     else:
         bad = all_reduce(bad_loss.reshape(1), op="max")[0]
-    norm = sq.sqrt()
+    return sq.sqrt(), bad
+
+
+def global_grad_norm(grads: list[torch.Tensor], loss: torch.Tensor, sharded: bool) -> tuple[torch.Tensor, bool]:
+    """`grad_norm_and_bad_loss`, and whether the loss and the norm are finite on all ranks, so
+    every rank skips (or takes) the step together."""
+    norm, bad = grad_norm_and_bad_loss(grads, loss, sharded)
     return norm, bool(bad.item() == 0) and bool(torch.isfinite(norm).item())
 
 

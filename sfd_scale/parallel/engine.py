@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from sfd_scale.config import ModelConfig, OptimConfig
 from sfd_scale.models.lightningdit import build_model
-from sfd_scale.parallel.distributed import clip_coefficient, clip_grads_and_check, global_grad_norm
+from sfd_scale.parallel.distributed import clip_coefficient, clip_grads_and_check, grad_norm_and_bad_loss
 from sfd_scale.train.checkpoint import read_state, write_state
 from sfd_scale.train.ema import EMA
 from sfd_scale.train.optim import build_fused_ema_optimizer, build_optimizer, set_lr
@@ -143,13 +143,22 @@ class LocalEngine(Engine):
 
     def _fused_step(self, grads: list[torch.Tensor], lr: float, loss: torch.Tensor) -> StepStats:
         """The same step with the clip scale, AdamW and the EMA in one kernel per parameter."""
-        norm, finite = global_grad_norm(grads, loss, sharded=False)
-        if not finite:
-            return StepStats(float(norm), skipped=True)
+        norm, skipped = self.step_on_device(lr, loss)
+        return StepStats(float(norm), bool(skipped))  # the step's one host synchronisation
+
+    def step_on_device(self, lr: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused step with no host synchronisation at all: (grad norm, skipped) come back as
+        device scalars and the skip happens inside the kernel. Needs optim.fused_ema; what a
+        trainer that reads its metrics a step late would run (launchers/bench.py --sync-free)."""
+        if not self.optim_cfg.fused_ema:
+            raise ValueError("a step without host synchronisation needs optim.fused_ema=true")
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm, bad_loss = grad_norm_and_bad_loss(grads, loss, sharded=False)
+        skipped = torch.maximum(bad_loss, (~torch.isfinite(norm)).float())
         set_lr(self.optimizer, lr)
         max_norm = self.optim_cfg.max_grad_norm
-        self.optimizer.step(grad_scale=clip_coefficient(norm, max_norm) if max_norm > 0 else None)
-        return StepStats(float(norm), skipped=False)
+        self.optimizer.step(grad_scale=clip_coefficient(norm, max_norm) if max_norm > 0 else None, skip=skipped)
+        return norm, skipped > 0
 
     def save(self, folder: Path) -> None:
         write_state(folder, "model", self.module.state_dict())
