@@ -357,7 +357,7 @@ TP_REFUSED = r"tensor_parallel=2: the Semantic VAE is small and trains with data
 @pytest.mark.parametrize("section, value, match", [
     ("parallel", {"tensor_parallel": 2}, TP_REFUSED),
     ("parallel", {"activation_checkpointing": "full"}, r"activation_checkpointing='full'"),
-    ("training", {"batch_size": 6}, r"training.batch_size=6 \(the global batch\) is not divisible by dp 1 x "
+    ("training", {"batch_size": 6}, r"training.batch_size=6 is not divisible by dp 1 x "
                                     r"parallel.grad_accum_steps 4 = 4"),
 ])
 def test_configuration_errors_name_the_key(work, section, value, match):

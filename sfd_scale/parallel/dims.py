@@ -209,6 +209,17 @@ def _expand_ranges(spec: str, text: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Does the configuration fit these dims?
 # ----------------------------------------------------------------------------------------------
+def check_global_batch(key: str, batch: int, grad_accum_steps: int, dims: ParallelDims) -> None:
+    """Raise ValueError (naming `key` and the degrees) unless the global batch `batch` splits into
+    dp ranks x `grad_accum_steps` micro-batches."""
+    if grad_accum_steps < 1:
+        raise ValueError(f"parallel.grad_accum_steps must be at least 1, got {grad_accum_steps}")
+    per_step = dims.dp * grad_accum_steps
+    if batch % per_step:
+        raise ValueError(f"{key}={batch} is not divisible by dp {dims.dp} x parallel.grad_accum_steps "
+                         f"{grad_accum_steps} = {per_step} ({dims.describe()})")
+
+
 def check_config_fits(cfg: SFDConfig, dims: ParallelDims) -> None:
     """Raise ValueError (naming every degree) when the engine, batch or accumulation do not fit."""
     p = cfg.parallel
@@ -219,13 +230,7 @@ def check_config_fits(cfg: SFDConfig, dims: ParallelDims) -> None:
         raise ValueError(f"parallel.engine=local runs one process, but the launcher started "
                          f"{dims.world_size} ({dims.describe()}); choose parallel.engine=ddp, fsdp2 "
                          "or deepspeed")
-    if p.grad_accum_steps < 1:
-        raise ValueError(f"parallel.grad_accum_steps must be at least 1, got {p.grad_accum_steps}")
-    per_step = dims.dp * p.grad_accum_steps
-    if cfg.train.global_batch_size % per_step:
-        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
-                         f"dp {dims.dp} x parallel.grad_accum_steps {p.grad_accum_steps} = {per_step} "
-                         f"({dims.describe()})")
+    check_global_batch("train.global_batch_size", cfg.train.global_batch_size, p.grad_accum_steps, dims)
     if p.activation_checkpointing == "selective" and p.checkpoint_every < 1:
         raise ValueError(f"parallel.checkpoint_every must be at least 1, got {p.checkpoint_every}")
     if p.checkpoint_attention_only and p.activation_checkpointing != "selective":

@@ -25,7 +25,7 @@ from sfd_scale.models.dinov2 import DinoFeatureEncoder, load_dinov2
 from sfd_scale.models.semantic_vae import SemanticVAE, semantic_vae_loss_terms
 from sfd_scale.models.weights import save_weights
 from sfd_scale.parallel import distributed
-from sfd_scale.parallel.dims import ParallelDims
+from sfd_scale.parallel.dims import ParallelDims, check_global_batch
 from sfd_scale.parallel.factory import build_engine
 from sfd_scale.train.stage_distributed import EngineStage
 from sfd_scale.train.trainer import autocast_for, resolve_device
@@ -142,13 +142,7 @@ def check_stage_fits(cfg: SemVAETrainConfig, dims: ParallelDims) -> None:
     if p.activation_checkpointing != "none":
         raise ValueError(f"parallel.activation_checkpointing={p.activation_checkpointing!r}: recomputation is "
                          "built for LightningDiT's blocks; the Semantic VAE trains without it (set 'none')")
-    if p.grad_accum_steps < 1:
-        raise ValueError(f"parallel.grad_accum_steps must be at least 1, got {p.grad_accum_steps}")
-    per_step = dims.dp * p.grad_accum_steps
-    if cfg.training.batch_size % per_step:
-        raise ValueError(f"training.batch_size={cfg.training.batch_size} (the global batch) is not divisible by "
-                         f"dp {dims.dp} x parallel.grad_accum_steps {p.grad_accum_steps} = {per_step} "
-                         f"({dims.describe()})")
+    check_global_batch("training.batch_size", cfg.training.batch_size, p.grad_accum_steps, dims)
     if p.backend == "nccl" and resolve_device(cfg.run.device).type != "cuda":
         raise ValueError("parallel.backend=nccl needs GPUs, but this run uses the CPU; set parallel.backend=gloo "
                          "or auto")
