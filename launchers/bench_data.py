@@ -2,6 +2,7 @@
 
   python launchers/bench_data.py --dir /tmp/bench_shards            # makes 2 x 1000 samples once
   python launchers/bench_data.py --dir D --shards 3 --per-shard 1000 --seconds 30 --json out.json
+  python launchers/bench_data.py --encode --device cuda --batch-size 64    # extraction's encoders, images/s
   python launchers/bench_data.py --decode-images /data/imagenet/val --decoders pil,dali --device cuda \
       --batch-size 64 --threads 8
 
@@ -18,7 +19,10 @@ import argparse
 import json
 from pathlib import Path
 
-from sfd_scale.data.bench import make_bench_shards, run_decode_benchmark, run_loader_benchmark
+import torch
+
+from sfd_scale.config import EncodersConfig, apply_overrides, from_dict
+from sfd_scale.data.bench import make_bench_shards, run_decode_benchmark, run_encode_benchmark, run_loader_benchmark
 from sfd_scale.data.images import ImageFolderIndex
 from sfd_scale.logging import get_logger
 
@@ -29,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-images", type=Path, default=None,
                         help="time image decoding on this class-subfolder image root instead")
     parser.add_argument("--decoders", default="pil,dali", help="comma-separated decoder backends")
+    parser.add_argument("--encode", action="store_true",
+                        help="time extraction's encoders (DINOv2, texture VAE, Semantic VAE; random weights) instead")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --encode: encoder shapes, e.g. --set semvae.width=256 (default: SFD's)")
     parser.add_argument("--device", default="cuda",
                         help="CUDA device for the 'dali' decoder and the loader's device path (skipped without CUDA)")
     parser.add_argument("--image-size", type=int, default=256)
@@ -55,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     log = get_logger()
     if args.decode_images is not None:
         return _decode(args, log)
+    if args.encode:
+        return _encode(args, log)
     if args.dir is None:
         raise SystemExit("bench_data.py: give --dir (loader benchmark) or --decode-images")
     make_bench_shards(args.dir, args.shards, args.per_shard, args.texture_channels,
@@ -88,6 +98,19 @@ def _decode(args: argparse.Namespace, log) -> dict:
         args.json.write_text(line + "\n")
     for name, r in result["backends"].items():
         log.info("%s (%s): %.0f images/s, vs PIL %s", name, r["decoder"], r["images_per_s"], r["vs_pil_levels"])
+    return result
+
+
+def _encode(args: argparse.Namespace, log) -> dict:
+    encoders = from_dict(EncodersConfig, apply_overrides({}, args.overrides), "bench_data.py --set")
+    device = args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu"
+    result = run_encode_benchmark(encoders, batch_size=args.batch_size, image_size=args.image_size, device=device,
+                                  seconds=args.seconds)
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.json is not None:
+        args.json.write_text(line + "\n")
+    log.info("extraction encoders on %s: %.1f images/s (each with its flip)", result["device"], result["images_per_s"])
     return result
 
 

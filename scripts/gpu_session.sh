@@ -6,7 +6,9 @@
 # STEP names a check below (default: all, in the order listed).
 # Runs on the GPU machine from the repository root with the image's python3 (torch, triton);
 # the reference step needs the reference code in .peer/sfd and .peer/peer_bench.py
-# (see docs/benchmarks.md); wheels in .whl/ (torchao for the FP8 steps) are installed first. Every step gets its own timeout and is skipped when the budget left
+# (see docs/benchmarks.md); wheels in .whl/ (torchao for the FP8 steps; DALI for `dali`, which is
+# ~200 MB: carry it split in .whl/ parts over several calls and join it there, see the device notes)
+# are installed first. Every step gets its own timeout and is skipped when the budget left
 # cannot hold it; JSON figures, profiles and the full log land in $OUT, a summary prints last.
 set -u
 OUT=${OUT:?set OUT to a results folder}
@@ -19,6 +21,9 @@ mkdir -p "$OUT"
 # Without `pip install` (the GPU image has every dependency), the package dir setup.py maps
 # kernels/ to must exist: sfd_scale.kernels.
 [ -e sfd_scale/kernels ] || ln -s ../kernels sfd_scale/kernels
+if compgen -G ".whl/*.whl.part-*" > /dev/null; then  # a large wheel carried in parts: join them
+  for first in .whl/*.whl.part-aa; do cat "${first%.part-aa}".part-* > "${first%.part-aa}"; done
+fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$LOG" 2>&1
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
@@ -63,6 +68,11 @@ run_named() {
       --set optim.fused_ema=true --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused_ema.json" ;;
     sync_free) step blocks_graphs_fused_ema_sync_free 150 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free.json" ;;
+    encode) step extraction_encoders 90 $PY launchers/bench_data.py --encode --device cuda --batch-size 64 \
+      --seconds 10 --json "$OUT/encode.json" ;;
+    dali) step dali_vs_pil_decoding 120 bash -c "$PY scripts/sample_jpegs.py /tmp/jpegs 512 && \
+      $PY launchers/bench_data.py --decode-images /tmp/jpegs --decoders pil,dali --device cuda --batch-size 64 \
+      --threads 8 --seconds 10 --json $OUT/decode.json" ;;
     optimizer) step optimizer_fused_vs_torch 90 $PY launchers/bench_optimizer.py --config configs/sfd_xxl.yaml ;;
     model_graphs) step model_cuda_graphs 200 $PY "${XXL[@]}" --compile model --compile-mode reduce-overhead \
       --no-baseline --json "$OUT/xxl_model_graphs.json" ;;
@@ -70,7 +80,7 @@ run_named() {
   esac
 }
 STEPS=("$@")
-(( ${#STEPS[@]} )) || STEPS=(env ceiling reference blocks_graphs optimizer blocks_fused_ema sync_free fp8 fp8_curve blocks ac_blocks kernel_tests blocks_fused eager_fused model model_graphs)
+(( ${#STEPS[@]} )) || STEPS=(env ceiling reference blocks_graphs optimizer blocks_fused_ema sync_free encode dali fp8 fp8_curve blocks ac_blocks kernel_tests blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 
 # Summary: one line per measured run.

@@ -69,6 +69,20 @@ class ModelConfig:
     kernel launches off the CPU at the cost of static input copies."""
 
 
+MODEL_FAST_PATH_KEYS = frozenset({"attention", "fused_kernels", "compile", "compile_mode", "fp8"})
+"""`model` settings that change how the network runs, not what its weights mean: a run may resume
+with other values (switch compile on, try FP8) and an export loads regardless of them."""
+
+
+def model_differences(saved: dict[str, Any], cfg: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved, configured)} for every architecture setting of a saved `model` section that
+    differs from `cfg`; keys the saved section lacks (written by an older version) count as
+    their defaults, and fast-path settings are not compared."""
+    mine, defaults = to_dict(cfg), to_dict(ModelConfig())
+    return {key: (saved.get(key, defaults[key]), value) for key, value in mine.items()
+            if key not in MODEL_FAST_PATH_KEYS and saved.get(key, defaults[key]) != value}
+
+
 @dataclass
 class DiffusionConfig:
     """Flow-matching objective and the asynchronous semantic/texture time schedule."""

@@ -91,3 +91,18 @@ def test_decode_bench_times_each_backend_against_pil(tmp_path, capsys):
     assert pil["vs_pil_levels"] == {"max": 0.0, "mean": 0.0, "fraction_over_1": 0.0}
     with pytest.raises(SystemExit, match="give --dir"):
         bench_data.main([])
+
+
+def test_encode_bench_runs_the_three_encoders_on_each_image_and_its_flip(tmp_path, capsys):
+    out = tmp_path / "encode.json"
+    small = ["--set", "dino.depth=1", "--set", "dino.embed_dim=64", "--set", "dino.num_heads=2",
+             "--set", "dino.input_size=56", "--set", "semvae.feat_dim=64", "--set", "semvae.width=32",
+             "--set", "semvae.depth=1", "--set", "semvae.num_heads=2", "--set", "semvae.grid=4"]
+    result = bench_data.main(["--encode", "--device", "cpu", "--batch-size", "2", "--image-size", "64",
+                              "--seconds", "0.2", "--json", str(out), *small])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result == json.loads(out.read_text())
+    # f16 texture latents with 32 channels, 16 semantic channels, DINO features on the 4 x 4 grid
+    assert result["outputs_per_image"] == {"latents": [32, 4, 4], "latents_sv": [16, 4, 4], "feats_dino": [64, 4, 4]}
+    assert result["images_per_s"] > 0 and result["bf16"] is False and result["device"] == "cpu"
+    with pytest.raises(ValueError, match="semvae.widht"):
+        bench_data.main(["--encode", "--device", "cpu", "--set", "semvae.widht=3"])

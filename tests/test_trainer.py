@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fixtures import tiny_sfd_config, write_latent_folder
+from sfd_scale.config import model_differences, to_dict
 from sfd_scale.train.checkpoint import CheckpointNotFoundError
 from sfd_scale.train.trainer import Trainer
 
@@ -91,6 +92,19 @@ def test_resume_with_another_architecture_is_an_error(tmp_path, data_dir):
     other = Trainer(tiny_sfd_config(data_dir, model={"depth": 3}), tmp_path / "run")
     with pytest.raises(ValueError, match="another model.*depth"):
         other.maybe_resume()
+
+
+def test_resume_may_switch_fast_paths_and_reads_older_model_sections(tmp_path, data_dir):
+    Trainer(tiny_sfd_config(data_dir, model={"attention": "sdpa"}), tmp_path / "run").fit(3)
+    # Another attention kernel (or compile, FP8, Triton kernels) runs the same weights: allowed.
+    faster = Trainer(tiny_sfd_config(data_dir, model={"attention": "math", "compile_mode": "reduce-overhead"}),
+                     tmp_path / "run")
+    assert faster.maybe_resume() and faster.step == 3
+    # A model section saved before a setting existed means that setting's default.
+    cfg = tiny_sfd_config(data_dir).model
+    older = {k: v for k, v in to_dict(cfg).items() if k not in ("fp8", "class_dropout_prob")}
+    assert model_differences(older, cfg) == {}
+    assert model_differences({**older, "depth": 5}, cfg) == {"depth": (5, 2)}
 
 
 def test_resume_must_without_checkpoint_is_an_error(tmp_path, data_dir):

@@ -26,7 +26,13 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
-from .images import select_decoder
+from sfd_scale.config import EncodersConfig
+from sfd_scale.models.dinov2 import DinoFeatureEncoder, DinoViT
+from sfd_scale.models.semantic_vae import SemanticVAE
+from sfd_scale.models.texture_vae import AutoencoderKL
+
+from .encoders import composite_encode_fn
+from .images import hflip, select_decoder
 from .loader import LatentShardDataset, ShardLoader
 from .shards import (
     DINO_KEY,
@@ -335,3 +341,35 @@ def run_decode_benchmark(
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
     }
+
+
+def run_encode_benchmark(encoders: EncodersConfig, batch_size: int = 64, image_size: int = 256,
+                         device: torch.device | str = "cpu", bf16: bool | None = None,
+                         seconds: float = 10.0) -> dict[str, Any]:
+    """Images/s of extraction's GPU side: DINOv2, the texture VAE and the Semantic VAE (random
+    weights of the configured shapes) on each image and its flip, as `extract` runs them.
+
+    The cost of a forward does not depend on the weights' values, so no checkpoint is needed.
+    Each timed call ends with the outputs on the CPU, as extraction writes them.
+    """
+    device = torch.device(device)
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    torch.manual_seed(0)
+    vae = AutoencoderKL(encoders.texture_vae).to(device).eval()
+    dino = DinoFeatureEncoder(DinoViT(encoders.dino), encoders.dino.input_size).to(device).eval()
+    semvae = SemanticVAE(encoders.semvae).to(device).eval()
+    encode = composite_encode_fn(vae, dino, semvae, bf16=bf16)
+    images = torch.rand(batch_size, 3, image_size, image_size, device=device) * 2 - 1
+    flipped = hflip(images)
+
+    def run() -> int:
+        for batch in (images, flipped):
+            encode(batch)
+        return batch_size
+
+    run()  # warm-up: kernels, cuDNN autotuning, allocator
+    rate = _rate(run, seconds)
+    shapes = {key: list(value.shape[1:]) for key, value in encode(images[:1]).items()}
+    return {"what": "encode", "device": str(device), "bf16": bf16, "batch_size": batch_size,
+            "image_size": image_size, "images_per_s": rate, "outputs_per_image": shapes,
+            "note": "each image is encoded twice (it and its flip), as extraction stores both"}

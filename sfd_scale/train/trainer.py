@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from sfd_scale.config import SFDConfig, to_dict
+from sfd_scale.config import SFDConfig, model_differences, to_dict
 from sfd_scale.data.loader import LatentShardDataset, ShardLoader
 from sfd_scale.diffusion.loss import BatchPart, SFDLoss
 from sfd_scale.logging import MetricsLogger
@@ -184,8 +184,8 @@ class Trainer:
 
     def _check_architecture(self, meta: dict) -> None:
         saved = meta.get("config", {}).get("model")
-        if saved is not None and saved != to_dict(self.cfg)["model"]:
-            diff = {k: (saved.get(k), v) for k, v in to_dict(self.cfg)["model"].items() if saved.get(k) != v}
+        diff = model_differences(saved, self.cfg.model) if saved is not None else {}
+        if diff:
             raise ValueError(f"checkpoint in {self.store.root} was made for another model; "
                              f"differences (saved, configured): {diff}")
 
