@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train.precision (default: the config's; auto = bf16 autocast on GPU)")
     parser.add_argument("--attention", choices=ATTENTION_NAMES, default=None,
                         help="attention backend (default: the config's model.attention)")
-    parser.add_argument("--checkpointing", choices=["none", "full", "selective"], default=None,
+    parser.add_argument("--checkpointing", choices=["none", "full", "selective", "ops"], default=None,
                         help="parallel.activation_checkpointing (default: the config's)")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
                         help="torch.compile: each block, the whole model, or none")

@@ -56,6 +56,7 @@ run_named() {
     blocks_graphs) step blocks_cuda_graphs 150 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_graphs.json" ;;
     eager_fused) step eager_fused_kernels_with_baseline 90 $PY "${XXL[@]}" --fused-kernels --json "$OUT/xxl_eager_fused.json" ;;
+    ac_ops) step ac_ops_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing ops --no-baseline --json "$OUT/xxl_ac_ops.json" ;;
     ac_blocks) step ac_full_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing full --no-baseline --json "$OUT/xxl_ac_blocks.json" ;;
     kernel_tests) step kernel_tests 60 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py ;;
     reference) step reference_as_shipped 110 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
@@ -80,7 +81,7 @@ run_named() {
   esac
 }
 STEPS=("$@")
-(( ${#STEPS[@]} )) || STEPS=(env ceiling reference blocks_graphs optimizer blocks_fused_ema sync_free encode dali fp8 fp8_curve blocks ac_blocks kernel_tests blocks_fused eager_fused model model_graphs)
+(( ${#STEPS[@]} )) || STEPS=(env ceiling reference blocks_graphs optimizer blocks_fused_ema sync_free encode dali fp8 fp8_curve ac_ops blocks ac_blocks kernel_tests blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 
 # Summary: one line per measured run.

@@ -196,8 +196,9 @@ class ParallelConfig:
     """DeepSpeed: keep optimizer state in CPU memory."""
     offload_params: bool = False
     """DeepSpeed ZeRO-3: keep parameters in CPU memory."""
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    """full: recompute every block; selective: every `checkpoint_every`-th block or attention only."""
+    activation_checkpointing: Literal["none", "full", "selective", "ops"] = "none"
+    """full: recompute every block; selective: every `checkpoint_every`-th block or attention only;
+    ops: every block, keeping matmul and attention outputs and recomputing the ops between them."""
     checkpoint_every: int = 2
     """selective checkpointing: recompute every k-th block."""
     checkpoint_attention_only: bool = False

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy
+from torch.utils.flop_counter import FlopCounterMode
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
@@ -26,7 +29,7 @@ from fixtures import tiny_sfd_config, write_latent_folder
 from sfd_scale.config import DiffusionConfig, to_dict
 from sfd_scale.diffusion.loss import BatchPart, SFDLoss
 from sfd_scale.models.lightningdit import build_model, load_lightningdit
-from sfd_scale.parallel.checkpointing import clean_name
+from sfd_scale.parallel.checkpointing import ops_policy, clean_name
 from sfd_scale.parallel.dims import ParallelDims
 from sfd_scale.parallel.distributed import clip_grads_and_check, free_port
 from sfd_scale.parallel.factory import build_training_model, export_step
@@ -259,6 +262,7 @@ def test_resuming_a_checkpoint_of_another_layout_is_an_error(ws, fsdp_run, tmp_p
     ({"activation_checkpointing": "full"}, 4),
     ({"activation_checkpointing": "selective", "checkpoint_every": 2}, 2),   # blocks 2 and 4
     ({"activation_checkpointing": "selective", "checkpoint_attention_only": True}, 4),
+    ({"activation_checkpointing": "ops"}, 4),       # every block re-runs; matmuls come from the cache
 ])
 def test_activation_checkpointing_recomputes_and_gives_the_same_gradients(ws, parallel, recomputed):
     def grads_and_attention_calls(par: dict):
@@ -284,6 +288,41 @@ def test_activation_checkpointing_recomputes_and_gives_the_same_gradients(ws, pa
     assert grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         assert torch.equal(grads[name], grad), name
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_ops_checkpointing_keeps_matmul_outputs_and_recomputes_the_rest(ws):
+    """In the backward pass mode 'ops' runs no matmul again (the FLOPs of no checkpointing) but
+    re-runs the blocks' other ops (more operator calls); 'full' re-runs the matmuls too."""
+    def backward_flops_and_calls(mode: str) -> tuple[int, int]:
+        cfg = tiny_sfd_config(Path(ws["cfg"].data.data_dir), model={"depth": 4},
+                              parallel={"activation_checkpointing": mode})
+        torch.manual_seed(0)
+        model = build_training_model(cfg)
+        g = torch.Generator().manual_seed(1)
+        x, t = torch.randn(4, 6, 4, 4, generator=g), torch.rand(4, generator=g)
+        out, repa = model(x, t, t, torch.tensor([0, 1, 2, 3]), return_repa=True)
+        loss = out.square().mean() + repa.square().mean()
+        with FlopCounterMode(display=False) as flops, _CountOps() as ops:
+            loss.backward()
+        return flops.get_total_flops(), ops.calls
+
+    none_flops, none_calls = backward_flops_and_calls("none")
+    ops_flops, ops_calls = backward_flops_and_calls("ops")
+    full_flops, full_calls = backward_flops_and_calls("full")
+    assert ops_flops == none_flops < full_flops
+    assert none_calls < ops_calls < full_calls
+    assert ops_policy(None, torch.ops.aten.mm.default) == CheckpointPolicy.MUST_SAVE
+    assert ops_policy(None, torch.ops.aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _inner_attention_modules(model):
