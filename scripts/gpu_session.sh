@@ -90,7 +90,7 @@ import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("xxl_*.json")):
     r = json.loads(path.read_text())
     for run in [r] + ([r["baseline"]] if "baseline" in r else []):
-        print(f"{path.stem:22s} {run['label']:12s} {run.get('compile_mode', '-'):16s} {run['images_per_s']:7.1f} img/s {run['step_s_median']*1e3:7.1f} ms "
+        print(f"{path.stem:22s} {run['label']:12s} {run.get('compile_mode', '-'):16s} fp8 {run.get('fp8', 'none'):10s} {run['images_per_s']:7.1f} img/s {run['step_s_median']*1e3:7.1f} ms "
               f"{run['tflops_per_s']:6.1f} TFLOP/s MFU {run['mfu']['vs_measured_ceiling']:.1%} peak {run['peak_mem_gib'] or 0:.1f} GiB")
     if "profile" in r:
         cats = ", ".join(f"{k} {v*1e3:.1f}" for k, v in r["profile"]["categories"].items())

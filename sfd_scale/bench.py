@@ -378,10 +378,11 @@ def format_table(report: dict) -> str:
              f"checkpointing {report['activation_checkpointing']}",
              f"step {report['step_tflop']:.4g} TFLOP; matmul ceiling "
              f"{report['matmul_ceiling_tflops_per_s']:.4g} TFLOP/s; datasheet peak {_cell(peak, '.1f')} TFLOP/s",
-             "| run | attention | compile | fused | s/step | images/s | TFLOP/s | MFU ceiling | MFU peak | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | attention | compile | fused | fp8 | s/step | images/s | TFLOP/s | MFU ceiling | MFU peak | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in [report] + ([report["baseline"]] if "baseline" in report else []):
-        cells = [r["label"], r["attention"], r["compile"], "yes" if r["fused_kernels"] else "no",
+        compile_label = r["compile"] + ("" if r.get("compile_mode", "default") == "default" else f" ({r['compile_mode']})")
+        cells = [r["label"], r["attention"], compile_label, "yes" if r["fused_kernels"] else "no", r.get("fp8", "none"),
                  f"{r['step_s_median']:.4g}", f"{r['images_per_s']:.4g}", f"{r['tflops_per_s']:.3g}",
                  _cell(r["mfu"]["vs_measured_ceiling"], ".1%"), _cell(r["mfu"]["vs_datasheet_peak"], ".1%"),
                  _cell(r["peak_mem_gib"], ".1f")]
