@@ -24,6 +24,7 @@ from sfd_scale.data.encoders import composite_encode_fn, load_encoders
 from sfd_scale.data.extract import BARRIER_TIMEOUT, extract_folder
 from sfd_scale.data.images import DECODER_BACKENDS, ImageFolderIndex, select_decoder
 from sfd_scale.logging import get_logger
+from sfd_scale.parallel import distributed
 from sfd_scale.parallel.dims import ParallelDims
 
 
@@ -52,8 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device("cpu")
     if dims.world_size > 1:
         # Only barriers cross ranks: gloo needs no GPU and tolerates the long waits.
-        dist.init_process_group("gloo", init_method=f"tcp://{dims.master_addr}:{dims.master_port}",
-                                rank=dims.rank, world_size=dims.world_size, timeout=BARRIER_TIMEOUT)
+        distributed.init_process_group(dims, "gloo", torch.device("cpu"), timeout=BARRIER_TIMEOUT)
     try:
         encode = composite_encode_fn(*load_encoders(cfg.encoders, device), bf16=device.type == "cuda")
         decoder = select_decoder(args.decoder, args.image_size, args.batch_size, device, args.workers)
@@ -74,3 +74,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_after_distributed_run()

@@ -20,6 +20,7 @@ import argparse
 from sfd_scale.config import SFDConfig, load_config
 from sfd_scale.eval.sample_run import PRECISIONS, sample_images
 from sfd_scale.logging import get_logger
+from sfd_scale.parallel.distributed import exit_after_distributed_run
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,3 +47,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_distributed_run()

@@ -39,7 +39,8 @@ _JOINED = False
 """Whether this process has joined a process group (see `exit_after_distributed_run`)."""
 
 
-def init_process_group(dims: ParallelDims, backend: str, device: torch.device) -> None:
+def init_process_group(dims: ParallelDims, backend: str, device: torch.device,
+                       timeout: timedelta = INIT_TIMEOUT) -> None:
     """Join the group described by `dims` (a no-op when one is already initialised).
 
     A single process gets a group of one on a free local port, so engines that need a group
@@ -57,7 +58,7 @@ def init_process_group(dims: ParallelDims, backend: str, device: torch.device) -
         torch.cuda.set_device(device)
     _JOINED = True
     dist.init_process_group(backend, init_method=f"tcp://{dims.master_addr}:{port}",
-                            rank=dims.rank, world_size=dims.world_size, timeout=INIT_TIMEOUT,
+                            rank=dims.rank, world_size=dims.world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     log.info("process group: %s backend, %s", backend, dims.describe())
 
