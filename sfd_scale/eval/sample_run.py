@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sfd_scale.atomic import atomic_write_bytes, fsync_dir
+from sfd_scale.atomic import atomic_path, atomic_write_bytes
 from sfd_scale.config import ModelConfig, SFDConfig, from_dict, load_yaml, to_dict
 from sfd_scale.diffusion.sampler import balanced_labels
 from sfd_scale.eval.generate import (LatentStats, decode_to_uint8, generate_latents,
@@ -201,8 +201,7 @@ def write_npz_streaming(path: str | Path,
     to a temporary name and then renamed; np.load and ADM's streaming reader both read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, shape, dtype, blocks in arrays:
                 dtype = np.dtype(dtype)
@@ -217,13 +216,6 @@ def write_npz_streaming(path: str | Path,
                     if rows != shape[0]:
                         raise ValueError(f"{path}: array '{name}' got {rows} rows, expected "
                                          f"{shape[0]}")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
     return path
 
 

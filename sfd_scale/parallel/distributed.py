@@ -194,13 +194,6 @@ def grad_norm_and_bad_loss(grads: list[torch.Tensor], loss: torch.Tensor, sharde
     return sq.sqrt(), bad
 
 
-def global_grad_norm(grads: list[torch.Tensor], loss: torch.Tensor, sharded: bool) -> tuple[torch.Tensor, bool]:
-    """`grad_norm_and_bad_loss`, and whether the loss and the norm are finite on all ranks, so
-    every rank skips (or takes) the step together."""
-    norm, bad = grad_norm_and_bad_loss(grads, loss, sharded)
-    return norm, bool(bad.item() == 0) and bool(torch.isfinite(norm).item())
-
-
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """torch's clipping factor min(1, max_norm / (norm + 1e-6)), on the device."""
     return (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -208,8 +201,10 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 def clip_grads_and_check(grads: list[torch.Tensor], max_norm: float, loss: torch.Tensor,
                          sharded: bool) -> tuple[float, bool]:
-    """`global_grad_norm`, then clip in place (nothing is scaled when not finite); (norm, finite)."""
-    norm, finite = global_grad_norm(grads, loss, sharded)
+    """`grad_norm_and_bad_loss`, then clip in place unless the loss or the norm is not finite on
+    some rank (then every rank skips the step together); (norm, finite)."""
+    norm, bad = grad_norm_and_bad_loss(grads, loss, sharded)
+    finite = bool(bad.item() == 0) and bool(torch.isfinite(norm).item())
     if finite and max_norm > 0 and grads:
         torch._foreach_mul_(grads, clip_coefficient(norm, max_norm).to(grads[0].dtype))
     return float(norm), finite

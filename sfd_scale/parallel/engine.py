@@ -129,9 +129,10 @@ class LocalEngine(Engine):
         loss.backward()
 
     def step(self, lr: float, loss: torch.Tensor) -> StepStats:
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         if self.optim_cfg.fused_ema:
-            return self._fused_step(grads, lr, loss)
+            norm, skipped = self.step_on_device(lr, loss)
+            return StepStats(float(norm), bool(skipped))  # the step's one host synchronisation
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         grad_norm, finite = clip_grads_and_check(grads, self.optim_cfg.max_grad_norm, loss, sharded=False)
         # A non-finite loss or gradient would poison the weights and the EMA: skip the update.
         if not finite:
@@ -140,11 +141,6 @@ class LocalEngine(Engine):
         self.optimizer.step()
         self.ema.update(self.module)
         return StepStats(grad_norm, skipped=False)
-
-    def _fused_step(self, grads: list[torch.Tensor], lr: float, loss: torch.Tensor) -> StepStats:
-        """The same step with the clip scale, AdamW and the EMA in one kernel per parameter."""
-        norm, skipped = self.step_on_device(lr, loss)
-        return StepStats(float(norm), bool(skipped))  # the step's one host synchronisation
 
     def step_on_device(self, lr: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused step with no host synchronisation at all: (grad norm, skipped) come back as

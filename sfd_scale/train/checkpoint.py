@@ -38,6 +38,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from sfd_scale.atomic import atomic_path, fsync_dir
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
@@ -289,15 +291,15 @@ class CheckpointStore:
                         "entries": list(entries), "files": files}
             _write_synced(temp / MANIFEST_NAME, json.dumps(manifest, indent=1))
             for folder in sorted((p for p in temp.rglob("*") if p.is_dir()), reverse=True):
-                _fsync_dir(folder)
-            _fsync_dir(temp)
+                fsync_dir(folder)
+            fsync_dir(temp)
 
             self._set_aside_newer_than(step)
             if final.exists():
                 logger.warning("replacing existing checkpoint folder %s", final)
                 self._discard(final)
             os.rename(temp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as err:
             self.abandon(temp)
             previous = self.latest_step()
@@ -327,7 +329,7 @@ class CheckpointStore:
         if target.exists():
             self._discard(target)
         os.rename(self.step_dir(step), target)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         logger.warning("moved checkpoint step %d to %s: %s", step, target, why)
         return target
 
@@ -500,14 +502,6 @@ def _fsync_and_describe(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_synced(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -519,7 +513,7 @@ def _replace_text(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     _write_synced(temp, text)
     os.replace(temp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _plain_json(meta: Mapping[str, Any]) -> str:
@@ -556,26 +550,12 @@ def save_model_export(path: Path, model_state: Mapping[str, torch.Tensor],
         "ema": {k: v.detach().cpu() for k, v in ema_state.items()},
         "config": config_dict,
     }
-    temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as temp:
         torch.save(payload, temp)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
     st_path = path.with_suffix(".safetensors")
-    st_temp = st_path.with_name(f".{st_path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(st_path) as st_temp:
         safetensors.torch.save_file(_safetensors_ready(payload["ema"]), str(st_temp),
                                     metadata={"format": "pt", "config": json.dumps(config_dict)})
-        with open(st_temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(st_temp, st_path)
-    finally:
-        st_temp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
     logger.info("exported %s and %s", path, st_path)
     return path, st_path
 
