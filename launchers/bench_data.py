@@ -8,8 +8,9 @@
 
 Shards hold the SFD shapes (32 + 16 latent channels at 16x16, 768x16x16 float16 DINO features,
 both copies) unless the shape options say otherwise. Prints one JSON line with samples/s of the
-per-sample reader, of our loader (CPU output and the host side of the GPU path), of one memory
-copy per sample (the machine's ceiling), the ratios, and the per-node extrapolation. With
+per-sample reader, of our loader in each read mode (mmap, pread; CPU output and the host side of
+the GPU path), of one memory copy per sample (the machine's ceiling), the ratios, the load
+average before and after, and the per-node extrapolation. With
 --decode-images it instead times each image decoder on the same files (the first --max-images
 of the folder) and prints their crops' difference from the PIL path.
 """
@@ -76,13 +77,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(line, flush=True)
     if args.json is not None:
         args.json.write_text(line + "\n")
-    rates = result["samples_per_s"]
-    log.info("per-sample reader %.0f/s, loader %.0f/s (x%.1f), GPU host path %.0f/s (x%.1f), "
-             "copy ceiling %.0f/s; per node (x%d ranks) %.0f/s vs target %d",
-             rates["per_sample"], rates["loader"], result["ratio_loader_vs_per_sample"],
-             rates["loader_gpu_host_path"], result["ratio_gpu_host_path_vs_per_sample"],
-             rates["copy_ceiling"], result["per_node"]["ranks_per_node"],
-             result["per_node"]["extrapolated_samples_per_s"], result["per_node"]["target"])
+    rates, ratios = result["samples_per_s"], result["ratio_vs_per_sample"]
+    for name, rate in rates.items():
+        log.info("%-28s %9.0f samples/s  x%.2f per-sample  %.0f%% of the copy ceiling", name, rate, ratios[name],
+                 100 * result["ratio_vs_copy_ceiling"][name])
+    log.info("default read mode %s; per node (x%d ranks) %.0f/s vs target %d; load average %s -> %s",
+             result["default_read_mode"], result["per_node"]["ranks_per_node"],
+             result["per_node"]["extrapolated_samples_per_s"], result["per_node"]["target"],
+             result["machine"]["load_average_before"], result["machine"]["load_average_after"])
     if "loader_to_device" in rates:
         log.info("loader to %s, synchronized: %.0f/s", result["device"], rates["loader_to_device"])
     return result

@@ -58,7 +58,8 @@ run_named() {
     eager_fused) step eager_fused_kernels_with_baseline 90 $PY "${XXL[@]}" --fused-kernels --json "$OUT/xxl_eager_fused.json" ;;
     ac_ops) step ac_ops_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing ops --no-baseline --json "$OUT/xxl_ac_ops.json" ;;
     ac_blocks) step ac_full_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing full --no-baseline --json "$OUT/xxl_ac_blocks.json" ;;
-    kernel_tests) step kernel_tests 60 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py ;;
+    kernel_tests) step kernel_and_async_tests 150 $PY -m pytest -q -x -p no:cacheprovider -m "not distributed" \
+      tests/test_kernels.py tests/test_adamw_ema.py tests/test_async_metrics.py ;;
     reference) step reference_as_shipped 110 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
     model) step model_compile 180 $PY "${XXL[@]}" --compile model --no-baseline --json "$OUT/xxl_model.json" ;;
     fp8) step fp8_rowwise_blocks 150 $PY "${XXL[@]}" --compile blocks --fp8 rowwise --no-baseline \
@@ -69,6 +70,8 @@ run_named() {
       --set optim.fused_ema=true --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused_ema.json" ;;
     sync_free) step blocks_graphs_fused_ema_sync_free 150 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free.json" ;;
+    trainer) step trainer_loop_sync_vs_async 300 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
+      --batch-size 32 --warmup 5 --steps 20 --json "$OUT/trainer.json" ;;
     encode) step extraction_encoders 90 $PY launchers/bench_data.py --encode --device cuda --batch-size 64 \
       --seconds 10 --json "$OUT/encode.json" ;;
     dali) step dali_vs_pil_decoding 120 bash -c "$PY scripts/sample_jpegs.py /tmp/jpegs 512 && \
@@ -81,7 +84,7 @@ run_named() {
   esac
 }
 STEPS=("$@")
-(( ${#STEPS[@]} )) || STEPS=(env ceiling reference blocks_graphs optimizer blocks_fused_ema sync_free encode dali fp8 fp8_curve ac_ops blocks ac_blocks kernel_tests blocks_fused eager_fused model model_graphs)
+(( ${#STEPS[@]} )) || STEPS=(env kernel_tests ceiling reference blocks_graphs optimizer blocks_fused_ema sync_free trainer encode dali fp8 fp8_curve ac_ops blocks ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 
 # Summary: one line per measured run.
@@ -92,10 +95,14 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("xxl_*.json")):
     for run in [r] + ([r["baseline"]] if "baseline" in r else []):
         print(f"{path.stem:22s} {run['label']:12s} {run.get('compile_mode', '-'):16s} fp8 {run.get('fp8', 'none'):10s} {run['images_per_s']:7.1f} img/s {run['step_s_median']*1e3:7.1f} ms "
               f"{run['tflops_per_s']:6.1f} TFLOP/s MFU {run['mfu']['vs_measured_ceiling']:.1%} peak {run['peak_mem_gib'] or 0:.1f} GiB")
+    if r.get("host_syncs"):
+        print(f"  host syncs/step: {r['host_syncs']['count']} at {', '.join(r['host_syncs']['sites'][:4])}")
     if "profile" in r:
         cats = ", ".join(f"{k} {v*1e3:.1f}" for k, v in r["profile"]["categories"].items())
         print(f"  profile ms/step: wall {r['profile']['wall_s_per_step']*1e3:.1f}, busy {r['profile']['busy_s_per_step']*1e3:.1f}: {cats}")
 PYEOF
+[ -f "$OUT/trainer.json" ] && $PY -c 'import json, sys; from sfd_scale.trainer_bench import format_trainer_report as f; print(f(json.load(open(sys.argv[1]))))' \
+  "$OUT/trainer.json" >> "$OUT/summary.txt"
 [ -f "$OUT/fp8_curve.json" ] && $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); print("fp8 curve:", r["against_reference"])' \
   "$OUT/fp8_curve.json" >> "$OUT/summary.txt"
 grep -h '"what"\|^| clip + AdamW\|^| fused kernel' "$LOG" >> "$OUT/summary.txt"

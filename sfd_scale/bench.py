@@ -52,7 +52,7 @@ from sfd_scale.models.layers import Attention
 from sfd_scale.models.lightningdit import build_model, count_parameters
 from sfd_scale.parallel.checkpointing import apply_activation_checkpointing
 from sfd_scale.parallel.engine import LocalEngine
-from sfd_scale.profile_step import format_profile, profile_training_step
+from sfd_scale.profile_step import count_host_syncs, format_profile, profile_training_step
 from sfd_scale.train.trainer import autocast_for, resolve_device
 
 log = logging.getLogger(__name__)
@@ -292,6 +292,7 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
         step()
     times = [_timed(step, device) for _ in range(options.steps)]
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    syncs = count_host_syncs(step, device)
     profile = profile_training_step(step, device, profile_steps) if profile_steps else None
     backend = engine.module.attention_backend
     del engine, run_step, step, batch
@@ -305,7 +306,7 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
     return {"label": variant.label, "attention": backend, "compile": variant.compile,
             "compile_mode": variant.compile_mode, "fp8": variant.fp8, "sync_free": variant.sync_free,
             "fused_kernels": variant.fused_kernels, "images_per_s": options.batch_size / median,
-            "step_s_median": median, "step_s_all": times, "peak_mem_gib": peak,
+            "step_s_median": median, "step_s_all": times, "peak_mem_gib": peak, "host_syncs": syncs,
             **({"profile": profile} if profile is not None else {})}
 
 
@@ -387,6 +388,10 @@ def format_table(report: dict) -> str:
                  _cell(r["mfu"]["vs_measured_ceiling"], ".1%"), _cell(r["mfu"]["vs_datasheet_peak"], ".1%"),
                  _cell(r["peak_mem_gib"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
+    for r in [report] + ([report["baseline"]] if "baseline" in report else []):
+        if r.get("host_syncs"):
+            lines.append(f"{r['label']}: {r['host_syncs']['count']} host synchronisation(s) per step "
+                         + ", ".join(r["host_syncs"]["sites"][:3]))
     if "speedup_vs_baseline" in report:
         lines.append(f"configured / plain eager: {report['speedup_vs_baseline']:.3f}x images/s")
     if "profile" in report:

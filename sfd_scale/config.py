@@ -112,6 +112,9 @@ class DataConfig:
     latent_multiplier: float = 1.0
     random_flip: bool = True
     """Pick the stored image or its flipped copy at random, as the reference does."""
+    read_mode: Literal["mmap", "pread"] = "mmap"
+    """mmap: each shard mapped once, rows copied out (fastest); pread: positioned reads, nothing
+    mapped (for a low `ulimit -v` or job monitors that count mapped page cache as memory)."""
 
 
 @dataclass
@@ -126,7 +129,8 @@ class OptimConfig:
     warmup_steps: int = 0
     fused_ema: bool = False
     """Clip scale, AdamW and the EMA in one Triton kernel per parameter (kernels/adamw_ema.py;
-    local and ddp engines, CUDA). Off until its GPU time is measured (docs/benchmarks.md)."""
+    local and ddp engines, CUDA), skipping a non-finite step on the device. Off until its GPU
+    time is measured (docs/benchmarks.md)."""
 
 
 @dataclass
@@ -147,6 +151,12 @@ class TrainConfig:
     """Write a sample grid PNG every this many steps (0: only at the end)."""
     resume: Literal["auto", "never", "must"] = "auto"
     """auto: resume from the latest complete checkpoint if one exists; must: error if none."""
+    async_metrics: bool = False
+    """Read each step's loss, gradient norm and skip flag only after the next step is queued, so
+    the host never waits for the GPU inside a step (needs optim.fused_ema: the skip of a
+    non-finite step then happens on the device). The numbers are the same; the guard judges each
+    step one step later, so a rollback also discards the step run meanwhile. Steps that log,
+    checkpoint or preview still wait for their own numbers."""
 
 
 @dataclass

@@ -28,8 +28,7 @@ def training_batches(cfg: SFDConfig, batch_size: int, pool: int, device: torch.d
     """`pool` batches on `device` and where they came from."""
     if cfg.data.data_dir == SYNTHETIC_DATA:
         return [synthetic_batch(cfg.model, batch_size, device, cfg.train.seed + i) for i in range(pool)], "synthetic"
-    dataset = LatentShardDataset(cfg.data.data_dir, latent_norm=cfg.data.latent_norm,
-                                 latent_sv_norm=cfg.data.latent_sv_norm, latent_multiplier=cfg.data.latent_multiplier)
+    dataset = LatentShardDataset.from_config(cfg.data)
     loader = ShardLoader(dataset, batch_size=batch_size, seed=cfg.train.seed, random_flip=cfg.data.random_flip,
                          device=device)
     return [tuple(batch) for batch in itertools.islice(iter(loader), pool)], str(cfg.data.data_dir)

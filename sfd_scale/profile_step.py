@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 from typing import Callable
 
 import torch
@@ -88,3 +89,21 @@ def format_profile(report: dict, width: int = 90) -> str:
         name = row["name"] if len(row["name"]) <= width else row["name"][:width - 3] + "..."
         lines.append(f"| {name} | {row['category']} | {row['s_per_step'] * 1e3:.3f} | {row['calls_per_step']:.1f} |")
     return "\n".join(lines)
+
+
+def count_host_syncs(step: Callable[[], object], device: torch.device, sites: int = 10) -> dict | None:
+    """Run `step` once with CUDA's sync debug mode on: how many calls made the host wait for the
+    GPU (stream syncs behind pageable copies, .item(), ...) and the Python lines that made them,
+    most frequent first; None off CUDA, where nothing is asynchronous."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    where = Counter(f"{w.filename}:{w.lineno}" for w in syncs)
+    return {"count": len(syncs), "sites": [f"{site} (x{n})" for site, n in where.most_common(sites)]}

@@ -62,19 +62,22 @@ def install() -> None:
     step_text, _, ms = rest.partition(":")
     at = int(step_text) if point else -1
 
-    train_step = trainer_mod.Trainer.train_step
+    launch, finish = trainer_mod.Trainer._launch, trainer_mod.Trainer._finish
 
-    def guarded_train_step(self):
+    def counted_launch(self):
         _progress["step"] = self.step + 1
-        result = train_step(self)
-        if kill_here and self.step == at:
+        return launch(self)
+
+    def guarded_finish(self, launched):  # step K is over once its numbers are read
+        result = finish(self, launched)
+        if kill_here and launched.number == at:
             if point == "after_step":
                 _die(f"after_step:{at}")
             if point == "timer":
                 threading.Timer(int(ms) / 1000, _die, args=(f"timer:{at}:{ms}",)).start()
         return result
 
-    trainer_mod.Trainer.train_step = guarded_train_step
+    trainer_mod.Trainer._launch, trainer_mod.Trainer._finish = counted_launch, guarded_finish
 
     kind, _, steps = os.environ.get("SFD_POISON", "").partition(":")
     if kind and _selected("SFD_POISON_RANKS"):

@@ -181,3 +181,31 @@ def test_step_on_device_skips_a_non_finite_loss_inside_the_kernel():
         assert changed == (not expect_skip)
     with pytest.raises(ValueError, match="needs optim.fused_ema=true"):
         LocalEngine(build_model(cfg), OptimConfig(), 0.9, torch.device(DEVICE)).step_on_device(1e-2, loss)
+
+
+def test_one_launch_updates_every_tensor_of_a_group_block_by_block(monkeypatch):
+    from sfd_scale.kernels import adamw_ema
+
+    tensor, first = adamw_ema.block_table((1500, 1, 2048), torch.device("cpu"))
+    assert tensor.tolist() == [0, 0, 1, 2, 2] and first.tolist() == [0, 1024, 0, 0, 1024]
+
+    kernel, grids = adamw_ema._adamw_ema_kernel, []
+
+    class Counted:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(adamw_ema, "_adamw_ema_kernel", Counted())
+    ref, ours = params(), params()
+    groups = [{"params": ours[:2]}, {"params": ours[2:], "lr": 1e-3}]  # two groups: two launches
+    fused = adamw_ema.AdamWEMA(groups, [p.detach().clone() for p in ours], ema_decay=0.9, **HYPER)
+    torch_opt = torch.optim.AdamW([{"params": ref[:2]}, {"params": ref[2:], "lr": 1e-3}], foreach=False, **HYPER)
+    for step in range(2):
+        set_grads(ref, step)
+        set_grads(ours, step)
+        torch_opt.step()
+        fused.step()
+    assert grids == [(2 + 2,), (1,)] * 2  # 1500 and 33 x 40 elements: two blocks each; then one
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=2e-6, atol=2e-7)

@@ -157,3 +157,18 @@ def test_launcher_sync_free_step_needs_the_fused_optimizer(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["sync_free"] is True and len(report["step_s_all"]) == 2
+
+
+def test_trainer_benchmark_times_both_loops_through_the_loader(tmp_path):
+    out = tmp_path / "trainer.json"
+    args = [*TINY_MODEL_ARGS, "--set", "train.device=cpu", "--batch-size", "4", "--warmup", "1", "--steps", "3",
+            "--samples", "24", "--shard-dir", str(tmp_path / "shards"), "--json", str(out)]
+    done = subprocess.run([sys.executable, "launchers/bench_trainer.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [(r["async_metrics"], r["steps"]) for r in report["runs"]] == [(False, 3), (True, 3)]
+    assert all(r["images_per_s"] > 0 and r["host_syncs_per_step"] is None for r in report["runs"])  # CPU
+    assert report["async_speedup"] == pytest.approx(report["runs"][1]["images_per_s"] / report["runs"][0]["images_per_s"])
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) == 2
+    assert "| async metrics |" in done.stdout

@@ -32,17 +32,19 @@ def test_bench_prints_rates_ratios_and_extrapolation(tmp_path, capsys):
     assert result["bytes_per_sample_read"] == 64 * 4 + 32 * 4 + 128 * 2 + 8
     rates = result["samples_per_s"]
     cuda = torch.cuda.is_available()
-    assert set(rates) == {"per_sample", "loader", "loader_gpu_host_path", "copy_ceiling"} | (
-        {"loader_to_device"} if cuda else set())
-    assert result["device"] == ("cuda" if cuda else None)
+    rows = {"per_sample", "loader_mmap", "loader_pread", "loader_gpu_host_path_mmap",
+            "loader_gpu_host_path_pread", "copy_ceiling"}
+    assert set(rates) == rows | ({"loader_to_device"} if cuda else set())
+    assert result["device"] == ("cuda" if cuda else None) and result["default_read_mode"] == "mmap"
     for name, rate in rates.items():
         assert rate > 0 and len(result["samples_per_s_repeats"][name]) == 2
         assert min(result["samples_per_s_repeats"][name]) <= rate <= max(result["samples_per_s_repeats"][name])
-    assert result["ratio_loader_vs_per_sample"] == pytest.approx(rates["loader"] / rates["per_sample"], abs=0.01)
-    assert result["ratio_gpu_host_path_vs_per_sample"] == pytest.approx(
-        rates["loader_gpu_host_path"] / rates["per_sample"], abs=0.01)
+        assert result["ratio_vs_per_sample"][name] == pytest.approx(rate / rates["per_sample"], abs=0.01)
+        assert result["ratio_vs_copy_ceiling"][name] == pytest.approx(rate / rates["copy_ceiling"], abs=0.01)
+    assert result["ratio_vs_per_sample"]["per_sample"] == 1.0
+    assert len(result["machine"]["load_average_before"]) == len(result["machine"]["load_average_after"]) == 3
     node = result["per_node"]
-    best = max(rates["loader"], rates["loader_gpu_host_path"])
+    best = max(rates["loader_mmap"], rates["loader_gpu_host_path_mmap"])  # the default mode's
     assert node["ranks_per_node"] == 8 and node["target"] == 16_000
     assert node["extrapolated_samples_per_s"] == pytest.approx(8 * best, rel=1e-3)
     assert node["meets_target"] == (node["extrapolated_samples_per_s"] >= 16_000)
@@ -66,10 +68,11 @@ def test_bench_shards_have_the_reference_layout_and_are_reused(tmp_path):
 def test_per_sample_reader_equals_the_loader_sample_by_sample(tmp_path):
     root = make_bench_shards(tmp_path, num_shards=2, per_shard=6, texture_channels=3, semantic_channels=2,
                              dino_channels=5, latent_size=2)
-    reader, dataset = PerSampleReader(root), LatentShardDataset(root)
+    reader = PerSampleReader(root)
     indices, flip = torch.tensor([11, 0, 6, 5]), torch.tensor([True, False, True, False])
-    for got, want in zip(reader.batch(indices, flip), dataset.gather(indices, flip)):
-        assert torch.equal(got, want)
+    for mode in ("mmap", "pread"):
+        for got, want in zip(reader.batch(indices, flip), LatentShardDataset(root, read_mode=mode).gather(indices, flip)):
+            assert torch.equal(got, want)
     # The flipped copy really differs from the stored one.
     assert not torch.equal(reader.item(3, True)[0], reader.item(3, False)[0])
 

@@ -1,4 +1,5 @@
-"""Latent dataset and loader: normalization, order, rank split, flips, exact resume."""
+"""Latent dataset and loader: normalization, order, rank split, flips, exact resume, in both read
+modes (mmap, pread), which must agree bit for bit."""
 from __future__ import annotations
 
 import builtins
@@ -6,8 +7,9 @@ import builtins
 import pytest
 import torch
 
-from sfd_scale.data.loader import LatentShardDataset, ShardLoader
-from sfd_scale.data.shards import read_shard, read_stats, shard_name, write_shard, write_stats
+from sfd_scale.data.bench import make_bench_shards
+from sfd_scale.data.loader import DEFAULT_READ_MODE, LatentShardDataset, ReadMode, ShardLoader, _MappedShards
+from sfd_scale.data.shards import read_shard, read_stats, shard_name, validate_shard, write_shard, write_stats
 
 C_TEX, C_SEM, C_DINO, HW = 3, 2, 5, 2
 
@@ -47,14 +49,15 @@ def _epoch(loader):
     return [(_ids(b), _flipped(b)) for b in loader]
 
 
-@pytest.fixture()
-def dataset(tmp_path):
-    return LatentShardDataset(_write_folder(tmp_path / "lat"))
+@pytest.fixture(params=["mmap", "pread"])
+def dataset(tmp_path, request):
+    return LatentShardDataset(_write_folder(tmp_path / "lat"), read_mode=request.param)
 
 
-def test_dataset_layout_and_normalization_numbers(tmp_path):
+@pytest.mark.parametrize("mode", ["mmap", "pread"])
+def test_dataset_layout_and_normalization_numbers(tmp_path, mode):
     root = _write_folder(tmp_path / "lat", stats=((100.0, 4.0), (10.0, 2.0)))
-    ds = LatentShardDataset(root, latent_multiplier=0.5)
+    ds = LatentShardDataset(root, latent_multiplier=0.5, read_mode=mode)
     assert len(ds) == 12 and (ds.texture_channels, ds.semantic_channels, ds.dino_channels) == (3, 2, 5)
     x, y, f = ds.gather(torch.tensor([8, 2]), torch.tensor([False, True]))
     assert x.shape == (2, 5, 2, 2) and x.dtype == torch.float32
@@ -67,7 +70,7 @@ def test_dataset_layout_and_normalization_numbers(tmp_path):
     assert f[0, :, 0, 0].tolist() == [8.0, 8.125, 8.25, 8.375, 8.5]
     assert f[1, :, 0, 0].tolist() == [-2.0, -2.125, -2.25, -2.375, -2.5]
 
-    raw = LatentShardDataset(root, latent_norm=False, latent_sv_norm=False)
+    raw = LatentShardDataset(root, latent_norm=False, latent_sv_norm=False, read_mode=mode)
     x, _, _ = raw.gather(torch.tensor([11]), torch.tensor([False]))
     assert x[0, :, 0, 0].tolist() == [1100.0, 1101.0, 1102.0, 1110.0, 1111.0]
 
@@ -223,9 +226,10 @@ def _reference_gather(root, indices, flips, sizes=(7, 5)):
     return torch.stack(xs), torch.stack(ys), torch.stack(fs)
 
 
-def test_gather_equals_per_sample_reads_for_runs_duplicates_and_both_copies(tmp_path):
+@pytest.mark.parametrize("mode", ["mmap", "pread"])
+def test_gather_equals_per_sample_reads_for_runs_duplicates_and_both_copies(tmp_path, mode):
     root = _write_folder(tmp_path / "lat", stats=((3.0, 2.0), (-1.0, 0.5)))
-    ds = LatentShardDataset(root)
+    ds = LatentShardDataset(root, read_mode=mode)
     # Runs (4,5,6 across the shard end at 7, then 7,8), a duplicate, and both copies mixed.
     indices = [5, 4, 6, 8, 7, 4, 11, 0, 1]
     flips = [False, False, True, False, False, False, True, True, True]
@@ -234,7 +238,8 @@ def test_gather_equals_per_sample_reads_for_runs_duplicates_and_both_copies(tmp_
         assert torch.equal(a, b)
 
 
-def test_other_stored_dtypes_are_widened(tmp_path):
+@pytest.mark.parametrize("mode", ["mmap", "pread"])
+def test_other_stored_dtypes_are_widened(tmp_path, mode):
     root = _write_folder(tmp_path / "lat")
     for k in range(2):
         path = root / shard_name(0, k)
@@ -244,7 +249,7 @@ def test_other_stored_dtypes_are_widened(tmp_path):
         for key in ("feats_dino", "feats_dino_flip"):
             arrays[key] = arrays[key].float()
         write_shard(path, arrays)
-    ds = LatentShardDataset(root)
+    ds = LatentShardDataset(root, read_mode=mode)
     x, _, f = ds.gather(torch.tensor([9, 3]), torch.tensor([True, False]))
     ref = _reference_gather(root, [9, 3], [True, False])
     assert torch.equal(x, ref[0]) and torch.equal(f, ref[2]) and f.dtype == torch.float32
@@ -285,16 +290,131 @@ def test_float16_features_for_device_side_widening(dataset):
     assert torch.equal(x16, x32) and torch.equal(y16, y32)
 
 
-def test_shard_truncated_after_opening_is_named(tmp_path):
+@pytest.mark.parametrize("mode, message", [("mmap", "shrank to 200 bytes while mapped"),
+                                           ("pread", "ended before byte")])
+def test_shard_truncated_after_opening_is_named(tmp_path, mode, message):
     root = _write_folder(tmp_path / "lat")
-    ds = LatentShardDataset(root)
+    ds = LatentShardDataset(root, read_mode=mode)
     path = root / shard_name(0, 1)
-    path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(ValueError, match=r"shard .*shard001.safetensors ended before byte"):
+    path.write_bytes(path.read_bytes()[:200])  # in place: the same file, now shorter
+    # With mmap, copying from the lost pages would kill the process with SIGBUS instead.
+    with pytest.raises(ValueError, match=rf"shard .*shard001.safetensors {message}"):
         ds.gather(torch.tensor([11]), torch.tensor([True]))
+    x, _, _ = ds.gather(torch.tensor([3]), torch.tensor([False]))  # the intact shard still reads
+    assert x[0, 0, 0, 0].item() == 300.0
     with pytest.raises(ValueError, match="do not fit a host batch of 2 rows"):
         ds.gather_into(ds.new_host_batch(2), torch.tensor([1, 2, 3]), torch.tensor([False] * 3))
     with pytest.raises(ValueError, match=r"sample indices must lie in \[0, 12\)"):
         ds.gather(torch.tensor([12]), torch.tensor([False]))
     ds.close()
     ds.close()  # idempotent
+    with pytest.raises(ValueError, match="dataset is closed"):
+        ds.gather(torch.tensor([3]), torch.tensor([False]))
+
+
+@pytest.mark.parametrize("mode", ["mmap", "pread"])
+def test_shard_truncated_before_opening_is_refused_at_open(tmp_path, mode):
+    root = _write_folder(tmp_path / "lat")
+    path = root / shard_name(0, 1)
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=r"shard .*shard001.safetensors.*truncated"):
+        LatentShardDataset(root, read_mode=mode)
+
+
+def test_mapping_refuses_a_file_shorter_than_its_header(tmp_path):
+    # Truncated between reading the header and mapping: the size is checked again on the open file.
+    root = _write_folder(tmp_path / "lat")
+    info = validate_shard(root / shard_name(0, 0))
+    info.path.write_bytes(info.path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=rf"shard .*shard000.safetensors has {info.path.stat().st_size} "
+                                         rf"bytes, its header needs {info.path.stat().st_size + 8}"):
+        _MappedShards([info])
+
+
+def _mapped(path):
+    with open("/proc/self/maps") as f:
+        return sum(line.rstrip().endswith(str(path)) for line in f)
+
+
+def test_each_shard_is_mapped_once_for_the_dataset_life(tmp_path):
+    root = _write_folder(tmp_path / "lat")
+    shards = [root / shard_name(0, k) for k in range(2)]
+    ds = LatentShardDataset(root)
+    assert ds.read_mode is ReadMode.MMAP is DEFAULT_READ_MODE
+    assert [_mapped(p) for p in shards] == [1, 1]
+    for _ in range(3):
+        list(ShardLoader(ds, batch_size=4, seed=0))
+    assert [_mapped(p) for p in shards] == [1, 1]
+    ds.close()
+    assert [_mapped(p) for p in shards] == [0, 0]
+    pread = LatentShardDataset(root, read_mode="pread")
+    assert pread.read_mode is ReadMode.PREAD and [_mapped(p) for p in shards] == [0, 0]
+    with pytest.raises(ValueError, match=r"read_mode must be one of \['mmap', 'pread'\], got 'mmapp'"):
+        LatentShardDataset(root, read_mode="mmapp")
+
+
+@pytest.mark.parametrize("stored", ["reference", "bf16_texture_f32_dino"])
+def test_read_modes_give_bit_identical_batches(tmp_path, stored):
+    # Random values, nonzero stats and a multiplier: any byte read from the wrong place differs.
+    root = make_bench_shards(tmp_path / "lat", num_shards=3, per_shard=9, texture_channels=3,
+                             semantic_channels=2, dino_channels=4, latent_size=2, seed=1)
+    if stored != "reference":
+        for path in sorted(root.glob("*.safetensors")):
+            arrays = read_shard(path)
+            for key in ("latents", "latents_flip"):
+                arrays[key] = arrays[key].to(torch.bfloat16)
+            for key in ("feats_dino", "feats_dino_flip"):
+                arrays[key] = arrays[key].float()
+            write_shard(path, arrays)
+    modes = [LatentShardDataset(root, latent_multiplier=0.7, read_mode=m) for m in ("mmap", "pread")]
+    for feats_dtype in (torch.float32, modes[0].dino_storage_dtype):
+        epochs = [[tuple(t.clone() for t in b) for _ in range(2)
+                   for b in ShardLoader(ds, batch_size=5, seed=4, prefetch=2, feats_dtype=feats_dtype)]
+                  for ds in modes]
+        assert len(epochs[0]) == len(epochs[1]) == 10
+        for a, b in zip(*epochs):
+            assert all(torch.equal(ta, tb) for ta, tb in zip(a, b))
+        assert epochs[0][0][2].dtype == feats_dtype
+    # ... and both equal the reference's sample-by-sample reads.
+    indices, flips = [26, 0, 9, 10, 11, 8], [True, False, False, True, True, False]
+    want = _reference_gather(root, indices, flips, sizes=(9, 9, 9))
+    for ds in modes:
+        got = ds.gather(torch.tensor(indices), torch.tensor(flips))
+        assert torch.equal(got[0], want[0] * 0.7) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+class _CountingMap:
+    """Stands in for a shard's mmap object: counts MADV_WILLNEED hints, answers size()."""
+
+    def __init__(self, mapping):
+        self.mapping, self.hints = mapping, 0
+
+    def madvise(self, *args):
+        self.hints += 1
+
+    def size(self):
+        return self.mapping.size()
+
+
+@pytest.mark.parametrize("too_large_for_memory", [False, True])
+def test_rows_are_announced_on_first_copy_or_always_when_shards_exceed_memory(tmp_path, monkeypatch,
+                                                                              too_large_for_memory):
+    import sfd_scale.data.loader as loader_module
+
+    if too_large_for_memory:
+        monkeypatch.setattr(loader_module, "_physical_memory_bytes", lambda: 1024)
+    ds = LatentShardDataset(_write_folder(tmp_path / "lat"), read_mode="mmap")
+    shards = ds._shards
+    assert shards.hint_every_copy is too_large_for_memory
+    maps = shards._maps
+    shards._maps = [_CountingMap(m) for m in maps]
+    indices, flip = torch.tensor([0, 3, 8]), torch.tensor([False, True, False])  # two shards, both copies
+    first = ds.gather(indices, flip)
+    assert sum(m.hints for m in shards._maps) == 3 * 3  # three keys per row
+    again = ds.gather(indices, flip)
+    assert sum(m.hints for m in shards._maps) == (18 if too_large_for_memory else 9)
+    ds.gather(torch.tensor([3]), torch.tensor([False]))  # the other copy of row 3: not copied yet
+    assert sum(m.hints for m in shards._maps) == (21 if too_large_for_memory else 12)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    shards._maps = maps

@@ -116,3 +116,22 @@ def test_resume_must_without_checkpoint_is_an_error(tmp_path, data_dir):
 def test_data_that_does_not_fit_the_model_is_named(tmp_path, data_dir):
     with pytest.raises(ValueError, match=r"latents.*\(6, 4, 4\).*model expects \(8, 4, 4\)"):
         Trainer(tiny_sfd_config(data_dir, model={"in_channels": 8}), tmp_path / "run")
+
+
+def test_fit_can_end_without_a_final_checkpoint(tmp_path, data_dir):
+    trainer = Trainer(tiny_sfd_config(data_dir, train={"ckpt_every": 0}), tmp_path / "run")
+    trainer.fit(2, final_checkpoint=False)
+    assert trainer.step == 2 and trainer.store.complete_steps() == []
+    trainer.fit(3)
+    assert trainer.store.complete_steps() == [3]
+
+
+def test_data_read_mode_changes_nothing_but_how_shards_are_read(tmp_path, data_dir):
+    runs = {}
+    for mode in ("mmap", "pread"):
+        trainer = Trainer(tiny_sfd_config(data_dir, data={"read_mode": mode}), tmp_path / mode)
+        assert trainer.loader.dataset.read_mode.value == mode
+        trainer.fit(3)
+        runs[mode] = trainer
+    _assert_same_state(runs["mmap"], runs["pread"])
+    assert _losses(tmp_path / "mmap") == _losses(tmp_path / "pread")

@@ -4,11 +4,11 @@ Loader: measured against a reader that opens the shard file for every sample.
 
 `PerSampleReader` reads one sample at a time through `safetensors.safe_open`, opening the shard
 for each item as the reference `ImgLatentDataset` does, and batches with `torch.stack` like a
-default-collated DataLoader. `run_loader_benchmark` times it and our `ShardLoader` on the same
-shards, in the same global order, alternating the two so that machine load hits both alike,
-after checking that both deliver identical tensors. A third figure times one memory copy per
-sample (rows of in-memory arrays into a reused buffer): the ceiling of any loader on the
-machine.
+default-collated DataLoader. `run_loader_benchmark` times it and our `ShardLoader` in each read
+mode (mmap, pread) on the same shards, in the same global order, alternating all of them so
+that machine load hits each alike, after checking that they deliver identical tensors. One more
+figure times one memory copy per sample (rows of in-memory arrays into a reused buffer): the
+ceiling of any loader on the machine.
 
 Decoding (`run_decode_benchmark`): images/s of each decoder backend (`images.select_decoder`)
 on the same files, and the pixel difference of each backend's crops against the PIL path.
@@ -33,7 +33,7 @@ from sfd_scale.models.texture_vae import AutoencoderKL
 
 from .encoders import composite_encode_fn
 from .images import hflip, select_decoder
-from .loader import LatentShardDataset, ShardLoader
+from .loader import DEFAULT_READ_MODE, LatentShardDataset, ReadMode, ShardLoader
 from .shards import (
     DINO_KEY,
     FLIP_SUFFIX,
@@ -64,6 +64,7 @@ def make_bench_shards(
     dino_channels: int = 768,
     latent_size: int = 16,
     seed: int = 0,
+    num_classes: int = 1000,
 ) -> Path:
     """Random shards in the reference layout (our writer) plus exact stats; kept if present."""
     data_dir = Path(data_dir)
@@ -83,7 +84,7 @@ def make_bench_shards(
             stats[key].update(arrays[key])
         for suffix in ("", FLIP_SUFFIX):
             arrays[DINO_KEY + suffix] = torch.randn(per_shard, dino_channels, *hw, generator=gen).half()
-        arrays[LABEL_KEY] = torch.randint(0, 1000, (per_shard,), generator=gen)
+        arrays[LABEL_KEY] = torch.randint(0, num_classes, (per_shard,), generator=gen)
         write_shard(path, arrays)
     for key, s in stats.items():
         write_stats(data_dir, key, s.mean, s.std())
@@ -148,7 +149,8 @@ def run_loader_benchmark(
     baseline_batch_size: int = 32,
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """Samples/s of the per-sample reader and of our loader on `data_dir`, and their ratio.
+    """Samples/s of the per-sample reader and of our loader in each read mode on `data_dir`,
+    and their ratios.
 
     With a CUDA `device`, a fourth run times the whole device path (pinned staging, copy,
     DINO widening on the GPU, synchronized per batch) after checking that its first batch equals
@@ -158,24 +160,30 @@ def run_loader_benchmark(
     DataLoader setting: at 256 its fresh 200 MB batches would be page-faulted in, slowing it
     down by half on small machines, and the ratio would flatter us.
 
-    Our loader is timed in two settings: with the reference's output (float32 DINO features)
-    and as the host side of GPU training (DINO features left in float16, widened on the GPU
-    after the copy).
+    Our loader is timed in each read mode and two settings: with the reference's output
+    (float32 DINO features, rows `loader_<mode>`) and as the host side of GPU training (DINO
+    features left in float16, widened on the GPU after the copy, rows
+    `loader_gpu_host_path_<mode>`). The machine's load average is recorded before and after:
+    other work on the cores slows every row, so compare rows of one run only.
     """
     data_dir = Path(data_dir)
+    load_before = os.getloadavg()
     _warm_page_cache(data_dir)
-    dataset = LatentShardDataset(data_dir)
+    datasets = {mode: LatentShardDataset(data_dir, read_mode=mode) for mode in ReadMode}
+    default_mode = DEFAULT_READ_MODE
+    dataset = datasets[default_mode]
     if batch_size > len(dataset):
         raise ValueError(f"batch_size {batch_size} exceeds the {len(dataset)} samples in {data_dir}")
     reader = PerSampleReader(data_dir)
     order, flip = ShardLoader(dataset, batch_size, seed=0).epoch_plan(0)
 
-    # Both readers must deliver the same batch before their speeds mean anything.
-    ours = dataset.gather(order[:batch_size], flip[:batch_size])
+    # Every reader must deliver the same batch before their speeds mean anything.
     theirs = reader.batch(order[:batch_size], flip[:batch_size])
-    for a, b, name in zip(ours, theirs, ("x", "y", "feats_dino")):
-        if not torch.equal(a, b):
-            raise RuntimeError(f"loader and per-sample reader disagree on '{name}' in {data_dir}")
+    for mode, ds in datasets.items():
+        ours = ds.gather(order[:batch_size], flip[:batch_size])
+        for a, b, name in zip(ours, theirs, ("x", "y", "feats_dino")):
+            if not torch.equal(a, b):
+                raise RuntimeError(f"loader ({mode.value}) and per-sample reader disagree on '{name}' in {data_dir}")
 
     state = {"per_sample": 0}
 
@@ -186,8 +194,8 @@ def run_loader_benchmark(
         state["per_sample"] += baseline_batch_size
         return baseline_batch_size
 
-    def loader_run(**kwargs: Any) -> Callable[[], int]:
-        loader = ShardLoader(dataset, batch_size, seed=0, prefetch=prefetch, num_threads=num_threads, **kwargs)
+    def loader_run(ds: LatentShardDataset = dataset, **kwargs: Any) -> Callable[[], int]:
+        loader = ShardLoader(ds, batch_size, seed=0, prefetch=prefetch, num_threads=num_threads, **kwargs)
         batches = _endless(loader)
         next(batches)  # thread start-up and first-touch of the buffers are not throughput
 
@@ -196,12 +204,11 @@ def run_loader_benchmark(
         return run
 
     copy_run = _copy_ceiling(dataset, order, flip, batch_size)
-    runs = {
-        "per_sample": per_sample_run,
-        "loader": loader_run(),
-        "loader_gpu_host_path": loader_run(feats_dtype=torch.float16),
-        "copy_ceiling": copy_run,
-    }
+    runs: dict[str, Callable[[], int]] = {"per_sample": per_sample_run}
+    for mode, ds in datasets.items():
+        runs[f"loader_{mode.value}"] = loader_run(ds)
+        runs[f"loader_gpu_host_path_{mode.value}"] = loader_run(ds, feats_dtype=ds.dino_storage_dtype)
+    runs["copy_ceiling"] = copy_run
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         on_device = next(iter(ShardLoader(dataset, batch_size, seed=0, device=device)))
@@ -223,8 +230,9 @@ def run_loader_benchmark(
     median = {name: statistics.median(values) for name, values in rates.items()}
     sample = dataset.infos[0]
     sample_bytes = sum(sample.row_bytes(k) for k in (TEXTURE_KEY, SEMANTIC_KEY, DINO_KEY, LABEL_KEY))
-    dataset.close()
-    best_loader = max(median["loader"], median["loader_gpu_host_path"])
+    for ds in datasets.values():
+        ds.close()
+    best_loader = max(median[f"loader_{default_mode.value}"], median[f"loader_gpu_host_path_{default_mode.value}"])
     return {
         "what": "data_loader_benchmark",
         "data_dir": str(data_dir),
@@ -240,22 +248,25 @@ def run_loader_benchmark(
         "prefetch": prefetch,
         "samples_per_s": {name: round(v, 1) for name, v in median.items()},
         "samples_per_s_repeats": {name: [round(v, 1) for v in vs] for name, vs in rates.items()},
-        "ratio_loader_vs_per_sample": round(median["loader"] / median["per_sample"], 2),
-        "ratio_gpu_host_path_vs_per_sample": round(median["loader_gpu_host_path"] / median["per_sample"], 2),
+        "ratio_vs_per_sample": {name: round(v / median["per_sample"], 2) for name, v in median.items()},
+        "ratio_vs_copy_ceiling": {name: round(v / median["copy_ceiling"], 2) for name, v in median.items()},
+        "default_read_mode": default_mode.value,
         "device": str(device) if "loader_to_device" in runs else None,
         "per_node": {
             "ranks_per_node": RANKS_PER_NODE,
             "extrapolated_samples_per_s": round(best_loader * RANKS_PER_NODE, 1),
             "target": NODE_TARGET,
             "meets_target": best_loader * RANKS_PER_NODE >= NODE_TARGET,
-            "assumption": (f"one loader process per GPU, each as fast as this one process with "
+            "assumption": (f"one loader process per GPU, each as fast as this one process "
+                           f"({default_mode.value} read mode) with "
                            f"{num_threads} reader threads; holds while the node's cores and memory "
                            f"bandwidth scale with its GPU count and the shards are in the page cache"),
         },
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
-            "load_average_1min": round(os.getloadavg()[0], 2),
+            "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()],
             "torch": torch.__version__,
         },
     }

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from sfd_scale.config import DiffusionConfig
 from sfd_scale.diffusion.schedule import OffsetSchedule, build_offset_schedule, sample_train_t
+from sfd_scale.host_copy import to_device_async
 
 _SEED_HIGH = 2**62
 _MASK64 = (1 << 64) - 1
@@ -81,10 +82,11 @@ class SFDLoss:
         if part.start < 0 or part.start + b > part.total:
             raise ValueError(f"micro-batch of {b} rows at {part.start} does not fit a global batch of {part.total}")
         rows = slice(part.start, part.start + b)
-        t = sample_train_t(part.total, self.cfg.time_sampling, generator, self.cfg.logit_mean,
-                           self.cfg.logit_std)[rows].to(x1.device)
+        t = to_device_async(sample_train_t(part.total, self.cfg.time_sampling, generator, self.cfg.logit_mean,
+                                           self.cfg.logit_std)[rows], x1.device)
         noise_seed, label_seed = torch.randint(0, _SEED_HIGH, (2,), generator=generator).tolist()
-        x0 = row_noise(range(rows.start, rows.stop), tuple(x1.shape[1:]), noise_seed).to(x1.device, x1.dtype)
+        x0 = to_device_async(row_noise(range(rows.start, rows.stop), tuple(x1.shape[1:]), noise_seed),
+                             x1.device, x1.dtype)
         label_generator = torch.Generator().manual_seed(label_seed)
         torch.rand(part.start, generator=label_generator)  # skip the draws of earlier rows
         t_sem, t_tex = self.schedule.train_times(t)

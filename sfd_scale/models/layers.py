@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sfd_scale.host_copy import to_device_async
+
 log = logging.getLogger(__name__)
 
 
@@ -223,7 +225,7 @@ class LabelEmbedder(nn.Module):
     def forward(self, labels: torch.Tensor, drop: bool, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
         if drop and self.dropout_prob > 0:
-            u = torch.rand(labels.shape, generator=generator, device="cpu").to(labels.device)
+            u = to_device_async(torch.rand(labels.shape, generator=generator, device="cpu"), labels.device)
             labels = torch.where(u < self.dropout_prob, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
 

@@ -86,6 +86,12 @@ class Engine(abc.ABC):
     def step(self, lr: float, loss: torch.Tensor) -> StepStats:
         """Clip by global norm, skip on non-finite loss/grad norm, else optimizer step + EMA."""
 
+    def step_on_device(self, lr: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` with no host synchronisation: (grad norm, skipped) as device scalars. Only the
+        engines running the fused AdamW + EMA kernel (optim.fused_ema) can skip on the device."""
+        raise NotImplementedError(f"{type(self).__name__} cannot step without a host synchronisation; "
+                                  "train.async_metrics needs parallel.engine local or ddp with optim.fused_ema=true")
+
     @abc.abstractmethod
     def save(self, folder: Path) -> None:
         """Write model, EMA and optimizer state into a checkpoint folder being assembled
@@ -144,8 +150,8 @@ class LocalEngine(Engine):
 
     def step_on_device(self, lr: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused step with no host synchronisation at all: (grad norm, skipped) come back as
-        device scalars and the skip happens inside the kernel. Needs optim.fused_ema; what a
-        trainer that reads its metrics a step late would run (launchers/bench.py --sync-free)."""
+        device scalars and the skip happens inside the kernel. Needs optim.fused_ema; what the
+        trainer runs with train.async_metrics (launchers/bench.py --sync-free times it)."""
         if not self.optim_cfg.fused_ema:
             raise ValueError("a step without host synchronisation needs optim.fused_ema=true")
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]

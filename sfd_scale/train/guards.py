@@ -105,11 +105,13 @@ class NumericalGuard:
     # ------------------------------------------------------------------------------------------
     # The hook
     # ------------------------------------------------------------------------------------------
-    def after_step(self, trainer: GuardedTrainer, skipped: bool, loss: float) -> bool:
-        """Called by every rank after step `trainer.step` (1-based) with the engine's global skip
+    def after_step(self, trainer: GuardedTrainer, step: int, skipped: bool, loss: float) -> bool:
+        """Called by every rank with the outcome of step `step` (1-based): the engine's global skip
         flag and this rank's loss. Returns True when the step was bad. Collective when spike
-        detection is on (one scalar all-reduce) and when it rolls back (a checkpoint load)."""
-        step = trainer.step
+        detection is on (one scalar all-reduce) and when it rolls back (a checkpoint load).
+
+        `trainer.step` may already be one ahead (a trainer reading its metrics a step late,
+        `train.async_metrics`): a rollback then also discards the update of that later step."""
         spike = False
         if not skipped and self.cfg.spike_factor > 0:
             mean_loss = distributed.mean_over_ranks({"loss": loss})["loss"]
@@ -125,7 +127,7 @@ class NumericalGuard:
         if spike and self.suspect_since is None:
             self.suspect_since = step
         if 0 < self.cfg.rollback_after <= self.consecutive_bad:
-            self._rollback(trainer)
+            self._rollback(trainer, step)
         return True
 
     def _check_spike(self, step: int, loss: float) -> bool:
@@ -141,8 +143,7 @@ class NumericalGuard:
                         step, loss, self.cfg.spike_factor, reference, len(self.recent_losses), self.spikes)
         return True
 
-    def _rollback(self, trainer: GuardedTrainer) -> None:
-        step = trainer.step
+    def _rollback(self, trainer: GuardedTrainer, step: int) -> None:
         if self.rollbacks >= self.cfg.max_rollbacks:
             raise GuardError(f"step {step}: {self.consecutive_bad} consecutive bad steps (non-finite or "
                              f"spiking loss) after {self.rollbacks} rollback(s), the most guard.max_rollbacks "
@@ -150,14 +151,15 @@ class NumericalGuard:
         before = self.suspect_since
         target = distributed.run_on_main(lambda: newest_good_step(trainer.store, before, step))
         trainer.engine.load(trainer.store.step_dir(target))  # collective for sharded engines
+        discarded = trainer.step - target  # every update since the checkpoint, steps run ahead included
         self.rollbacks += 1
-        self.rolled_back_steps += step - target
+        self.rolled_back_steps += discarded
         self.lr_scale *= self.cfg.rollback_lr_factor
         if distributed.rank() == 0:
             log.warning("step %d: %d consecutive bad steps since step %s; rolled model, EMA and optimizer back "
                         "to checkpoint step %d (updates of %d steps discarded); data and step counter go on; "
                         "learning rate now x%g (rollback %d of at most %d)", step, self.consecutive_bad,
-                        self.streak_start, target, step - target, self.lr_scale, self.rollbacks,
+                        self.streak_start, target, discarded, self.lr_scale, self.rollbacks,
                         self.cfg.max_rollbacks)
         self.consecutive_bad, self.streak_start, self.suspect_since = 0, None, None
 

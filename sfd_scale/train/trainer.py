@@ -19,13 +19,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from sfd_scale.config import SFDConfig, model_differences, to_dict
 from sfd_scale.data.loader import LatentShardDataset, ShardLoader
 from sfd_scale.diffusion.loss import BatchPart, SFDLoss
+from sfd_scale.host_copy import to_host_async
 from sfd_scale.logging import MetricsLogger
 from sfd_scale.models.fast_paths import mark_step_begin
 from sfd_scale.models.lightningdit import LightningDiT, count_parameters
@@ -70,6 +71,23 @@ class StepResult:
     skipped: bool
 
 
+@dataclass
+class _LaunchedStep:
+    """A queued optimizer step whose numbers have not been read yet."""
+
+    number: int
+    """1-based step number."""
+    lr: float
+    names: list[str]
+    """Loss terms, in the order of `values`."""
+    values: torch.Tensor
+    """The loss terms, then the gradient norm and the skip flag (0/1); host memory."""
+    ready: Any
+    """CUDA event: `values` may be read once it has fired (None: readable now)."""
+    rollbacks: int
+    """The guard's rollback count at launch: a later rollback discarded this step's update."""
+
+
 class Trainer:
     """Owns the model, EMA, optimizer, data position and RNG for one run directory."""
 
@@ -90,9 +108,7 @@ class Trainer:
         # Noise, times and label dropout come from this generator, saved in every checkpoint.
         # Every rank draws the whole global batch's numbers from it and keeps its rows.
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1)
-        dataset = LatentShardDataset(cfg.data.data_dir, latent_norm=cfg.data.latent_norm,
-                                     latent_sv_norm=cfg.data.latent_sv_norm,
-                                     latent_multiplier=cfg.data.latent_multiplier)
+        dataset = LatentShardDataset.from_config(cfg.data)
         self._check_data_matches_model(dataset)
         self.loader = ShardLoader(dataset, batch_size=self.rank_batch, seed=cfg.train.seed,
                                   rank=self.dims.dp_rank, world_size=self.dims.dp,
@@ -194,6 +210,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
         """One optimizer step over this rank's block of the global batch, in micro-batches."""
+        return self._finish(self._launch())
+
+    def _launch(self) -> _LaunchedStep:
+        """Queue step `self.step + 1`: forward, backward, clip, AdamW, EMA. With
+        train.async_metrics nothing here waits for the device; the step's numbers are read by
+        `_finish`, which the loop calls after queueing the next step."""
         x, y, feats = next(self.batches)
         use_feats = self.cfg.model.repa_depth > 0
         step_draws = self.generator.get_state()
@@ -214,27 +236,46 @@ class Trainer:
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / self.accum_steps
         lr = lr_at(self.step, self.cfg.optim) * self.guard.lr_scale  # lowered by rollbacks
-        stats = self.engine.step(lr, sums["loss"])
-        metrics = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # one device sync
-        metrics.update(grad_norm=stats.grad_norm, lr=lr)
-        if stats.skipped:  # the engine decided for all ranks together
+        losses = torch.stack(list(sums.values()))
+        if self.cfg.train.async_metrics:
+            norm, skipped = self.engine.step_on_device(lr, sums["loss"])  # skip decided on the device
+            values, ready = to_host_async(torch.cat([losses, torch.stack([norm.float(), skipped.float()])]))
+        else:
+            stats = self.engine.step(lr, sums["loss"])  # the engine decided the skip for all ranks together
+            values = torch.tensor(losses.tolist() + [stats.grad_norm, float(stats.skipped)], dtype=torch.float64)
+            ready = None
+        self.step += 1
+        return _LaunchedStep(self.step, lr, list(sums), values, ready, self.guard.rollbacks)
+
+    def _finish(self, launched: _LaunchedStep) -> StepResult:
+        """Read a launched step's numbers (waiting for them if need be), count a skip and let the
+        guard judge the step, unless a rollback since its launch already discarded its update."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        *losses, grad_norm, skipped_flag = launched.values.tolist()
+        metrics = dict(zip(launched.names, losses))
+        metrics.update(grad_norm=grad_norm, lr=launched.lr)
+        skipped = skipped_flag > 0
+        if skipped:
             self.skipped_steps += 1
             if self.dims.is_main:
                 log.warning("step %d: non-finite loss %.4g or grad norm %.4g, update skipped (%d so far)",
-                            self.step + 1, metrics["loss"], stats.grad_norm, self.skipped_steps)
-        self.step += 1
-        self.guard.after_step(self, stats.skipped, metrics["loss"])  # may roll back (train/guards.py)
-        return StepResult(metrics, stats.skipped)
+                            launched.number, metrics["loss"], grad_norm, self.skipped_steps)
+        if self.guard.rollbacks == launched.rollbacks:
+            self.guard.after_step(self, launched.number, skipped, metrics["loss"])  # may roll back
+        return StepResult(metrics, skipped)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
 
-    def fit(self, max_steps: int | None = None, should_stop: Callable[[int], bool] | None = None) -> None:
+    def fit(self, max_steps: int | None = None, should_stop: Callable[[int], bool] | None = None,
+            final_checkpoint: bool = True) -> None:
         """Train until max_steps (default train.max_steps), checkpointing and logging on the way.
 
         Metrics are averaged over ranks and written by rank 0 only. `should_stop(step)` (e.g.
         `PreemptionWatcher.should_stop`, a collective) is asked after every step; when it says
-        yes, training ends at that step boundary and that step is checkpointed.
+        yes, training ends at that step boundary and that step is checkpointed. The last step is
+        checkpointed unless `final_checkpoint` is False (benchmarks).
         """
         cfg = self.cfg.train
         end = cfg.max_steps if max_steps is None else max_steps
@@ -245,12 +286,19 @@ class Trainer:
         window: dict[str, float] = {}
         t0, window_steps = time.perf_counter(), 0
         stopped = False
+        pending: _LaunchedStep | None = None
         try:
             while self.step < end:
-                result = self.train_step()
-                window_steps += 1
-                for k, v in result.metrics.items():
-                    window[k] = window.get(k, 0.0) + v
+                launched = self._launch()
+                finished = [self._finish(pending)] if pending is not None else []
+                pending = launched
+                if not self.cfg.train.async_metrics or self._reads_metrics_at(self.step, end):
+                    finished.append(self._finish(pending))
+                    pending = None
+                for result in finished:
+                    window_steps += 1
+                    for k, v in result.metrics.items():
+                        window[k] = window.get(k, 0.0) + v
                 progress.update(1)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     # Averages over the steps this window really holds (fewer after a resume
@@ -270,7 +318,9 @@ class Trainer:
                 if should_stop is not None and should_stop(self.step):
                     stopped = True
                     break
-            if self._saved_step != self.step:
+            if pending is not None:  # stopped between two reads: the checkpoint holds its outcome
+                self._finish(pending)
+            if final_checkpoint and self._saved_step != self.step:
                 self.save_checkpoint()
             if self.preview is not None and not stopped:
                 self._preview(logger)
@@ -278,6 +328,14 @@ class Trainer:
             progress.close()
             if logger is not None:
                 logger.close()
+
+    def _reads_metrics_at(self, step: int, end: int) -> bool:
+        """Steps after which a trainer with train.async_metrics waits for the step's numbers:
+        those that log, checkpoint or preview, so every log row and checkpoint holds all steps
+        up to its own."""
+        cfg = self.cfg.train
+        return (step == end or step % cfg.log_every == 0 or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)
+                or (self.preview is not None and cfg.sample_every > 0 and step % cfg.sample_every == 0))
 
     def _preview(self, logger: MetricsLogger | None) -> None:
         ema = self.engine.ema_model()  # collective for sharded engines

@@ -1,0 +1,167 @@
+"""train.async_metrics: the trainer reads each step's numbers after queueing the next step.
+
+Same numbers, same weights and same skips as the synchronous trainer; the reads lag by one
+step except where a step logs or checkpoints; the guard judges one step late, so a rollback
+also discards the step run meanwhile. Runs the fused AdamW + EMA kernel (Triton's interpreter
+on the CPU).
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import yaml
+
+from dist_worker import launch, read_losses
+from fault_worker import assert_identical
+from fixtures import tiny_sfd_config, triton_interpreter_without_gpu, write_latent_folder  # noqa: F401
+from sfd_scale.config import to_dict
+from sfd_scale.parallel.dims import ParallelDims, check_config_fits
+from sfd_scale.train.checkpoint import read_state
+from sfd_scale.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_latent_folder(tmp_path_factory.mktemp("async") / "latents")
+
+
+def _config(data_dir, async_metrics: bool, **sections):
+    train = {"async_metrics": async_metrics, **sections.pop("train", {})}
+    return tiny_sfd_config(data_dir, optim={"lr": 1e-3, "warmup_steps": 2, "fused_ema": True}, train=train,
+                           **sections)
+
+
+def _poison(trainer: Trainer, steps: set[int]) -> None:
+    """NaN latents in the batches of these (1-based) steps."""
+    batches = trainer.batches
+
+    def poisoned():
+        for x, y, feats in batches:
+            yield (x * float("nan") if trainer.step + 1 in steps else x), y, feats
+
+    trainer.batches = poisoned()
+
+
+def _rows(run_dir) -> list[dict]:
+    """The logged training numbers (not timings), NaN written as a string so that rows compare."""
+    keys = ("step", "mse", "cos", "repa", "loss", "grad_norm", "lr", "skipped_steps")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: "nan" if row[k] != row[k] else row[k] for k in keys} for row in rows]
+
+
+def _state(trainer: Trainer) -> dict:
+    engine = trainer.engine
+    return {"model": engine.unwrap().state_dict(), "ema": engine.ema_model().state_dict(),
+            "optimizer": engine.optimizer.state_dict()["state"]}
+
+
+def test_async_metrics_give_the_synchronous_numbers_weights_and_skips(tmp_path, data_dir):
+    runs = {}
+    for mode in (False, True):
+        trainer = Trainer(_config(data_dir, mode, train={"log_every": 4, "ckpt_every": 4}), tmp_path / str(mode))
+        _poison(trainer, {2, 5})  # a skipped step read late (2) and one just after a checkpoint (5)
+        trainer.fit(8)
+        runs[mode] = trainer
+    sync, lagged = runs[False], runs[True]
+    assert sync.skipped_steps == lagged.skipped_steps == 2
+    assert_identical(_state(lagged), _state(sync))
+    assert _rows(tmp_path / "True") == _rows(tmp_path / "False")
+    assert [(r["step"], r["skipped_steps"]) for r in _rows(tmp_path / "True")] == [(4, 1), (8, 2)]
+    assert_identical(read_state(lagged.store.step_dir(4), "trainer"), read_state(sync.store.step_dir(4), "trainer"))
+
+
+def test_each_step_is_read_after_the_next_is_queued_except_where_it_logs_or_checkpoints(tmp_path, data_dir):
+    trainer = Trainer(_config(data_dir, True, train={"log_every": 3, "ckpt_every": 0}), tmp_path / "run")
+    events: list[str] = []
+    launch, finish = trainer._launch, trainer._finish
+
+    def logged_launch():
+        launched = launch()
+        events.append(f"queue {launched.number}")
+        return launched
+
+    def logged_finish(launched):
+        events.append(f"read {launched.number}")
+        return finish(launched)
+
+    trainer._launch, trainer._finish = logged_launch, logged_finish
+    trainer.fit(6)
+    assert events == ["queue 1", "queue 2", "read 1", "queue 3", "read 2", "read 3",
+                      "queue 4", "queue 5", "read 4", "queue 6", "read 5", "read 6"]
+
+
+def test_the_guard_judges_one_step_late_and_its_rollback_discards_the_step_run_meanwhile(
+        tmp_path, data_dir, caplog):
+    # Steps 5-7 are NaN; rollback_after 3. Step 7 is judged while step 8 is queued, so the
+    # rollback to checkpoint 4 also throws away step 8's update: checkpoint 8 holds step 4's weights.
+    cfg = _config(data_dir, True, train={"log_every": 8, "ckpt_every": 4, "keep_last": 3},
+                  guard={"rollback_after": 3})
+    trainer = Trainer(cfg, tmp_path / "lagged")
+    _poison(trainer, {5, 6, 7})
+    with caplog.at_level(logging.WARNING, logger="sfd_scale"):
+        trainer.fit(8)
+    assert "step 7: 3 consecutive bad steps since step 5" in caplog.text
+    assert "rolled model, EMA and optimizer back to checkpoint step 4 (updates of 4 steps discarded)" in caplog.text
+    folder = trainer.store.step_dir
+    for entry in ("model", "ema"):
+        assert_identical(read_state(folder(8), entry), read_state(folder(4), entry))
+    saved = read_state(folder(8), "trainer")
+    assert saved["counters"] == {"step": 8, "skipped_steps": 3}
+    assert saved["guard"]["rollbacks"] == 1 and saved["guard"]["rolled_back_steps"] == 4
+    assert saved["guard"]["consecutive_bad"] == 0  # step 8's outcome was not judged: its update is gone
+
+    # The synchronous trainer rolls back after step 7 and trains step 8 from step 4's weights.
+    sync = Trainer(_config(data_dir, False, train={"log_every": 8, "ckpt_every": 4, "keep_last": 3},
+                           guard={"rollback_after": 3}), tmp_path / "sync")
+    _poison(sync, {5, 6, 7})
+    sync.fit(8)
+    assert read_state(sync.store.step_dir(8), "trainer")["guard"]["rolled_back_steps"] == 3
+    assert not torch.equal(read_state(sync.store.step_dir(8), "model")["x_embedder.proj.weight"],
+                           read_state(folder(4), "model")["x_embedder.proj.weight"])
+
+
+def test_async_metrics_resume_exactly(tmp_path, data_dir):
+    cfg = _config(data_dir, True, train={"log_every": 2, "ckpt_every": 3})
+    straight = Trainer(cfg, tmp_path / "straight")
+    straight.fit(6)
+    first = Trainer(cfg, tmp_path / "resumed")
+    first.fit(3)
+    second = Trainer(cfg, tmp_path / "resumed")
+    assert second.maybe_resume() and second.step == 3
+    second.fit(6)
+    assert_identical(_state(second), _state(straight))
+
+
+@pytest.mark.distributed
+def test_two_ddp_ranks_with_async_metrics_match_one_process(tmp_path, data_dir):
+    cfg = _config(data_dir, True, train={"log_every": 1, "ckpt_every": 3})
+    single = Trainer(cfg, tmp_path / "single")
+    single.fit(4)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    dump = tmp_path / "ddp.pt"
+    launch(2, ["--config", str(tmp_path / "cfg.yaml"), "--run-dir", str(tmp_path / "ddp"), "--max-steps", "4",
+               "--set", "parallel.engine=ddp", "--dump", str(dump)], tmp_path / "logs",
+           env={"TRITON_INTERPRET": "1"}, timeout=300)
+    ddp = torch.load(dump, weights_only=True)
+    want, got = read_losses(tmp_path / "single"), ddp["losses"]
+    assert [got[s] for s in range(1, 5)] == pytest.approx([want[s] for s in range(1, 5)], rel=1e-5)
+    model, ema = single.engine.consolidated_state()
+    for name, expected in (("model", model), ("ema", ema)):
+        for key, value in expected.items():
+            torch.testing.assert_close(ddp[name][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}.{key}: {m}")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"train": {"async_metrics": True}}, "train.async_metrics needs optim.fused_ema=true"),
+    ({"optim": {"fused_ema": True}, "parallel": {"engine": "fsdp2"}},
+     "optim.fused_ema runs with parallel.engine local or ddp"),
+    ({"optim": {"fused_ema": True}, "parallel": {"engine": "deepspeed", "zero_stage": 2}},
+     "optim.fused_ema runs with parallel.engine local or ddp"),
+])
+def test_settings_that_would_be_ignored_or_sync_anyway_are_refused(data_dir, settings, message):
+    cfg = tiny_sfd_config(data_dir, **settings)
+    with pytest.raises(ValueError, match=message):
+        check_config_fits(cfg, ParallelDims(world_size=1, rank=0, local_rank=0, tp=1))
