@@ -3,12 +3,17 @@
 #
 #   OUT=/path/to/results SESSION_BUDGET_S=450 bash scripts/gpu_session.sh [STEP ...]
 #
-# STEP names a check below (default: all, in the order listed).
+# Device calls carry [".peer", ".whl/torchao-0.18.0-<...>.whl", ".whl/dali-bundle.tar.sha256",
+# ".whl/dali-bundle.tar.part-aa"] (not all of .whl: it is over one call's 64 MiB), later calls one
+# more DALI part each.
+#
+# STEP names a check below (default: all, in the order of STEPS at the end: what the next GPU session
+# most needs first). Each step's limit is ~1.6x the time it took on the H200 (2026-11-27).
 # Runs on the GPU machine from the repository root with the image's python3 (torch, triton);
 # the reference step needs the reference code in .peer/sfd and .peer/peer_bench.py
-# (see docs/benchmarks.md); wheels in .whl/ (torchao for the FP8 steps; DALI for `dali`, which is
-# ~200 MB: carry it split in .whl/ parts over several calls and join it there, see the device notes)
-# are installed first. Every step gets its own timeout and is skipped when the budget left
+# (see docs/benchmarks.md); wheels in .whl/ (torchao for the FP8 steps; DALI and its dependencies
+# for `dali`, ~270 MB: carried as .whl/dali-bundle.tar.part-* over several calls, see below) are
+# installed first. Every step gets its own timeout and is skipped when the budget left
 # cannot hold it; JSON figures, profiles and the full log land in $OUT, a summary prints last.
 set -u
 OUT=${OUT:?set OUT to a results folder}
@@ -21,8 +26,20 @@ mkdir -p "$OUT"
 # Without `pip install` (the GPU image has every dependency), the package dir setup.py maps
 # kernels/ to must exist: sfd_scale.kernels.
 [ -e sfd_scale/kernels ] || ln -s ../kernels sfd_scale/kernels
-if compgen -G ".whl/*.whl.part-*" > /dev/null; then  # a large wheel carried in parts: join them
-  for first in .whl/*.whl.part-aa; do cat "${first%.part-aa}".part-* > "${first%.part-aa}"; done
+# A bundle too large for one call (DALI and its dependencies, ~270 MB) is carried as tar parts
+# over several calls to a warm machine (each call carries one part, `.whl/dali-bundle.tar.part-ab`
+# ..., and the small `.whl/dali-bundle.tar.sha256`); once the joined parts match the checksum they
+# are unpacked into .whl/.
+if compgen -G ".whl/*.tar.part-aa" > /dev/null; then
+  for first in .whl/*.tar.part-aa; do
+    bundle=${first%.part-aa}
+    cat "$bundle".part-* > /tmp/bundle.tar
+    if [ "$(sha256sum < /tmp/bundle.tar | cut -d' ' -f1)" = "$(cat "$bundle.sha256" 2>/dev/null)" ]; then
+      tar -xf /tmp/bundle.tar -C .whl && rm "$bundle".part-*
+    else  # not all parts here yet (or no $bundle.sha256 carried)
+      echo "bundle $bundle: parts missing, not unpacked yet" >> "$LOG"
+    fi
+  done
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$LOG" 2>&1
@@ -53,38 +70,39 @@ run_named() {
     blocks) step blocks_with_baseline_and_profile 180 $PY "${XXL[@]}" --compile blocks --profile-steps 3 --json "$OUT/xxl_blocks.json" ;;
     blocks_fused) step blocks_fused_kernels 150 env TORCH_LOGS=graph_breaks $PY "${XXL[@]}" --compile blocks --fused-kernels \
       --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused.json" ;;
-    blocks_graphs) step blocks_cuda_graphs 150 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+    blocks_graphs) step blocks_cuda_graphs 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_graphs.json" ;;
-    eager_fused) step eager_fused_kernels_with_baseline 90 $PY "${XXL[@]}" --fused-kernels --json "$OUT/xxl_eager_fused.json" ;;
+    eager_fused) step eager_fused_kernels_with_baseline 90 $PY "${XXL[@]}" --fused-kernels --profile-steps 2 \
+      --json "$OUT/xxl_eager_fused.json" ;;
     ac_ops) step ac_ops_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing ops --no-baseline --json "$OUT/xxl_ac_ops.json" ;;
     ac_blocks) step ac_full_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing full --no-baseline --json "$OUT/xxl_ac_blocks.json" ;;
-    kernel_tests) step kernel_and_async_tests 150 $PY -m pytest -q -x -p no:cacheprovider -m "not distributed" \
+    kernel_tests) step kernel_and_async_tests 100 $PY -m pytest -q -x -p no:cacheprovider -m "not distributed" \
       tests/test_kernels.py tests/test_adamw_ema.py tests/test_async_metrics.py ;;
-    reference) step reference_as_shipped 110 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
+    reference) step reference_as_shipped 70 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
     model) step model_compile 180 $PY "${XXL[@]}" --compile model --no-baseline --json "$OUT/xxl_model.json" ;;
-    fp8) step fp8_rowwise_blocks 150 $PY "${XXL[@]}" --compile blocks --fp8 rowwise --no-baseline \
+    fp8) step fp8_rowwise_blocks 120 $PY "${XXL[@]}" --compile blocks --fp8 rowwise --no-baseline \
       --profile-steps 3 --json "$OUT/xxl_fp8_blocks.json" ;;
     fp8_curve) step fp8_vs_bf16_loss_curve 240 $PY launchers/compare_precision.py --set optim.lr=2e-4 \
       --recipes none rowwise --steps 300 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
-    blocks_fused_ema) step blocks_fused_adamw_ema 150 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+    blocks_fused_ema) step blocks_fused_adamw_ema 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused_ema.json" ;;
-    sync_free) step blocks_graphs_fused_ema_sync_free 150 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+    sync_free) step blocks_graphs_fused_ema_sync_free 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free.json" ;;
-    trainer) step trainer_loop_sync_vs_async 300 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
-      --batch-size 32 --warmup 5 --steps 20 --json "$OUT/trainer.json" ;;
+    trainer) step trainer_loop_sync_vs_async 200 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
+      --set model.compile_mode=reduce-overhead --batch-size 32 --warmup 5 --steps 20 --json "$OUT/trainer.json" ;;
     encode) step extraction_encoders 90 $PY launchers/bench_data.py --encode --device cuda --batch-size 64 \
       --seconds 10 --json "$OUT/encode.json" ;;
     dali) step dali_vs_pil_decoding 120 bash -c "$PY scripts/sample_jpegs.py /tmp/jpegs 512 && \
       $PY launchers/bench_data.py --decode-images /tmp/jpegs --decoders pil,dali --device cuda --batch-size 64 \
       --threads 8 --seconds 10 --json $OUT/decode.json" ;;
-    optimizer) step optimizer_fused_vs_torch 90 $PY launchers/bench_optimizer.py --config configs/sfd_xxl.yaml ;;
+    optimizer) step optimizer_fused_vs_torch 60 $PY launchers/bench_optimizer.py --config configs/sfd_xxl.yaml ;;
     model_graphs) step model_cuda_graphs 200 $PY "${XXL[@]}" --compile model --compile-mode reduce-overhead \
       --no-baseline --json "$OUT/xxl_model_graphs.json" ;;
     *) echo "unknown step $1" | tee -a "$OUT/summary.txt" ;;
   esac
 }
 STEPS=("$@")
-(( ${#STEPS[@]} )) || STEPS=(env kernel_tests ceiling reference blocks_graphs optimizer blocks_fused_ema sync_free trainer encode dali fp8 fp8_curve ac_ops blocks ac_blocks blocks_fused eager_fused model model_graphs)
+(( ${#STEPS[@]} )) || STEPS=(env kernel_tests reference blocks_graphs sync_free trainer fp8 fp8_curve optimizer blocks_fused_ema ac_ops encode dali ceiling blocks ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 
 # Summary: one line per measured run.

@@ -377,6 +377,35 @@ def test_grad_norm_non_finite_checks_and_ema_shards(tmp_path):
     assert r0["ema_shards"][1] + r1["ema_shards"][1] == r0["ema_shards"][2]
 
 
+def _host_group_worker(rank: int, world: int, port: int, out: str) -> None:
+    from sfd_scale.parallel import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {"gloo_default": distributed._host_group() is None}
+    # As under NCCL: host values must go through a gloo group of their own, not the default group.
+    nccl_like = dist.get_backend
+    dist.get_backend = lambda group=None: "nccl" if group is None else nccl_like(group)
+    summed = distributed.all_reduce(torch.tensor([1.0 + rank, 10.0]))
+    stop = distributed.all_reduce(torch.tensor([float(rank == 1)]), op="max")
+    group = distributed._HOST_GROUP
+    results.update(sum=summed.tolist(), stop=stop.tolist(), host_backend=nccl_like(group),
+                   one_group=distributed._host_group() is group, mean=distributed.mean_over_ranks({"a": float(rank)}))
+    dist.get_backend = nccl_like
+    distributed.destroy_process_group()
+    results["reset"] = distributed._HOST_GROUP is None
+    torch.save(results, f"{out}.{rank}")
+
+
+@pytest.mark.distributed
+def test_host_values_are_reduced_by_a_gloo_group_beside_nccl(tmp_path):
+    out = str(tmp_path / "host")
+    mp.start_processes(_host_group_worker, args=(2, free_port(), out), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        r = torch.load(f"{out}.{rank}", weights_only=True)
+        assert r["gloo_default"] and r["host_backend"] == "gloo" and r["one_group"] and r["reset"]
+        assert r["sum"] == [3.0, 20.0] and r["stop"] == [1.0] and r["mean"] == {"a": 0.5}
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-rank memory from the real sharding
 # ----------------------------------------------------------------------------------------------

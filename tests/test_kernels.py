@@ -117,7 +117,7 @@ def test_rope_kernel(dtype, head_dim):
 
     tables = Rope2D(head_dim, grid=3).to(DEVICE)
     cos, sin = tables.freqs_cos, tables.freqs_sin
-    # 2 x 3 x 9 = 54 rows: the last program of 16 rows is partly masked; 12 has 6 (of 8) pairs.
+    # 2 x 3 x 9 = 54 rows: the last program of 32 rows is partly masked; 12 has 6 (of 8) pairs.
     (x,) = _inputs([((2, 3, 9, head_dim), 1.0, 0.0)], dtype)
 
     def twin(q):  # float64 tables for the float64 truth, the model's float32 tables otherwise

@@ -238,17 +238,21 @@ def test_gather_equals_per_sample_reads_for_runs_duplicates_and_both_copies(tmp_
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("mode", ["mmap", "pread"])
-def test_other_stored_dtypes_are_widened(tmp_path, mode):
-    root = _write_folder(tmp_path / "lat")
-    for k in range(2):
-        path = root / shard_name(0, k)
+def _store_texture_bf16_dino_float32(root):
+    """Rewrite every shard with texture latents in bfloat16 and DINO features in float32."""
+    for path in sorted(root.glob("*.safetensors")):
         arrays = read_shard(path)
         for key in ("latents", "latents_flip"):
             arrays[key] = arrays[key].to(torch.bfloat16)
         for key in ("feats_dino", "feats_dino_flip"):
             arrays[key] = arrays[key].float()
         write_shard(path, arrays)
+
+
+@pytest.mark.parametrize("mode", ["mmap", "pread"])
+def test_other_stored_dtypes_are_widened(tmp_path, mode):
+    root = _write_folder(tmp_path / "lat")
+    _store_texture_bf16_dino_float32(root)
     ds = LatentShardDataset(root, read_mode=mode)
     x, _, f = ds.gather(torch.tensor([9, 3]), torch.tensor([True, False]))
     ref = _reference_gather(root, [9, 3], [True, False])
@@ -359,13 +363,7 @@ def test_read_modes_give_bit_identical_batches(tmp_path, stored):
     root = make_bench_shards(tmp_path / "lat", num_shards=3, per_shard=9, texture_channels=3,
                              semantic_channels=2, dino_channels=4, latent_size=2, seed=1)
     if stored != "reference":
-        for path in sorted(root.glob("*.safetensors")):
-            arrays = read_shard(path)
-            for key in ("latents", "latents_flip"):
-                arrays[key] = arrays[key].to(torch.bfloat16)
-            for key in ("feats_dino", "feats_dino_flip"):
-                arrays[key] = arrays[key].float()
-            write_shard(path, arrays)
+        _store_texture_bf16_dino_float32(root)
     modes = [LatentShardDataset(root, latent_multiplier=0.7, read_mode=m) for m in ("mmap", "pread")]
     for feats_dtype in (torch.float32, modes[0].dino_storage_dtype):
         epochs = [[tuple(t.clone() for t in b) for _ in range(2)

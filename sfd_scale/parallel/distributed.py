@@ -65,9 +65,11 @@ def init_process_group(dims: ParallelDims, backend: str, device: torch.device,
 
 def destroy_process_group() -> None:
     """Leave the group after a last barrier, so no rank exits while others still communicate."""
+    global _HOST_GROUP
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host group included
+        _HOST_GROUP = None
 
 
 def exit_after_distributed_run() -> None:
@@ -111,17 +113,43 @@ def _reduce_device() -> torch.device:
     return torch.device("cpu")
 
 
+_HOST_GROUP: dist.ProcessGroup | None = None
+"""gloo group beside an NCCL default group, for values that live on the host (see `all_reduce`)."""
+
+
+def _host_group() -> dist.ProcessGroup | None:
+    """The group that reduces CPU tensors: the default group unless it is NCCL, else a gloo group
+    over the same ranks, made at the first host reduction (every rank reaches it in order)."""
+    global _HOST_GROUP
+    if dist.get_backend() != "nccl":
+        return None
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
 def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Reduced copy of a small float tensor over all ranks (op: sum, max)."""
+    """Reduced copy of a small float tensor over all ranks (op: sum, max).
+
+    Host values (CPU tensors: stop flags, logged averages) are reduced on the host, by gloo, and
+    device values on the device (NCCL on GPUs): an NCCL reduction of a host value would copy it
+    through the GPU stream and make the host wait for every kernel queued before it.
+    """
     if not dist.is_initialized():
         return values.clone()
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    if values.device.type == "cpu":
+        out = values.detach().to(torch.float64, copy=True)
+        dist.all_reduce(out, op=reduce_op, group=_host_group())
+        return out.to(values.dtype)
     out = values.detach().to(_reduce_device(), torch.float64, copy=True)
-    dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    dist.all_reduce(out, op=reduce_op)
     return out.to(values.device, values.dtype)
 
 
 def mean_over_ranks(metrics: Mapping[str, float]) -> dict[str, float]:
-    """Average each scalar over all ranks in one collective (every rank must pass the same keys)."""
+    """Average each scalar over all ranks in one host-side collective (every rank must pass the
+    same keys)."""
     if not dist.is_initialized():
         return dict(metrics)
     keys = sorted(metrics)

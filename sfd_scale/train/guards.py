@@ -105,16 +105,23 @@ class NumericalGuard:
     # ------------------------------------------------------------------------------------------
     # The hook
     # ------------------------------------------------------------------------------------------
-    def after_step(self, trainer: GuardedTrainer, step: int, skipped: bool, loss: float) -> bool:
+    @property
+    def watches_spikes(self) -> bool:
+        return self.cfg.spike_factor > 0
+
+    def after_step(self, trainer: GuardedTrainer, step: int, skipped: bool, loss: float,
+                   mean_loss: float | None = None) -> bool:
         """Called by every rank with the outcome of step `step` (1-based): the engine's global skip
-        flag and this rank's loss. Returns True when the step was bad. Collective when spike
-        detection is on (one scalar all-reduce) and when it rolls back (a checkpoint load).
+        flag and this rank's loss. Returns True when the step was bad. Collective when it rolls
+        back (a checkpoint load), and when spike detection is on unless the caller passes the
+        loss averaged over ranks as `mean_loss` (then no collective).
 
         `trainer.step` may already be one ahead (a trainer reading its metrics a step late,
         `train.async_metrics`): a rollback then also discards the update of that later step."""
         spike = False
-        if not skipped and self.cfg.spike_factor > 0:
-            mean_loss = distributed.mean_over_ranks({"loss": loss})["loss"]
+        if not skipped and self.watches_spikes:
+            if mean_loss is None:
+                mean_loss = distributed.mean_over_ranks({"loss": loss})["loss"]
             spike = self._check_spike(step, mean_loss)
             if not spike:
                 self.recent_losses = (self.recent_losses + [mean_loss])[-self.cfg.spike_window:]

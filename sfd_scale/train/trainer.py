@@ -81,11 +81,13 @@ class _LaunchedStep:
     names: list[str]
     """Loss terms, in the order of `values`."""
     values: torch.Tensor
-    """The loss terms, then the gradient norm and the skip flag (0/1); host memory."""
+    """The loss terms, then the gradient norm and the skip flag (0/1) [, the mean loss]; host memory."""
     ready: Any
     """CUDA event: `values` may be read once it has fired (None: readable now)."""
     rollbacks: int
     """The guard's rollback count at launch: a later rollback discarded this step's update."""
+    with_mean_loss: bool
+    """`values` ends with the loss averaged over ranks (async metrics with spike detection)."""
 
 
 class Trainer:
@@ -239,20 +241,26 @@ class Trainer:
         losses = torch.stack(list(sums.values()))
         if self.cfg.train.async_metrics:
             norm, skipped = self.engine.step_on_device(lr, sums["loss"])  # skip decided on the device
-            values, ready = to_host_async(torch.cat([losses, torch.stack([norm.float(), skipped.float()])]))
+            numbers = [losses.double(), norm.double().reshape(1), skipped.double().reshape(1)]
+            if self.guard.watches_spikes:  # the guard's rank average, reduced on the device too
+                numbers.append(distributed.all_reduce(sums["loss"].double().reshape(1)) / self.dims.world_size)
+            values, ready = to_host_async(torch.cat(numbers))
         else:
             stats = self.engine.step(lr, sums["loss"])  # the engine decided the skip for all ranks together
             values = torch.tensor(losses.tolist() + [stats.grad_norm, float(stats.skipped)], dtype=torch.float64)
             ready = None
         self.step += 1
-        return _LaunchedStep(self.step, lr, list(sums), values, ready, self.guard.rollbacks)
+        with_mean_loss = self.cfg.train.async_metrics and self.guard.watches_spikes
+        return _LaunchedStep(self.step, lr, list(sums), values, ready, self.guard.rollbacks, with_mean_loss)
 
     def _finish(self, launched: _LaunchedStep) -> StepResult:
         """Read a launched step's numbers (waiting for them if need be), count a skip and let the
         guard judge the step, unless a rollback since its launch already discarded its update."""
         if launched.ready is not None:
             launched.ready.synchronize()
-        *losses, grad_norm, skipped_flag = launched.values.tolist()
+        numbers = launched.values.tolist()
+        mean_loss = numbers.pop() if launched.with_mean_loss else None
+        *losses, grad_norm, skipped_flag = numbers
         metrics = dict(zip(launched.names, losses))
         metrics.update(grad_norm=grad_norm, lr=launched.lr)
         skipped = skipped_flag > 0
@@ -262,7 +270,7 @@ class Trainer:
                 log.warning("step %d: non-finite loss %.4g or grad norm %.4g, update skipped (%d so far)",
                             launched.number, metrics["loss"], grad_norm, self.skipped_steps)
         if self.guard.rollbacks == launched.rollbacks:
-            self.guard.after_step(self, launched.number, skipped, metrics["loss"])  # may roll back
+            self.guard.after_step(self, launched.number, skipped, metrics["loss"], mean_loss)  # may roll back
         return StepResult(metrics, skipped)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
