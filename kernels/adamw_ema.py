@@ -21,6 +21,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.distributed.tensor import DTensor
 
 from sfd_scale.host_copy import to_device_async
 
@@ -81,6 +82,11 @@ def block_table(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Te
     return tensor.to(device), first.to(device)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _log(beta: float) -> float:
     """log(beta) for beta ** step computed as exp(step * log(beta)); beta 0 gives 0 ** step = 0."""
     return math.log(beta) if beta > 0 else -math.inf
@@ -94,12 +100,15 @@ class AdamWEMA(torch.optim.AdamW):
     move between the two.
 
     `ema_params[i]` is the EMA tensor of the i-th parameter (same shape, fp32, same device).
+    Parameters may be sharded DTensors (FSDP2): the kernel then updates each rank's local shards,
+    `ema_params` are the EMA's local shards, and the moments are DTensors placed like the
+    parameters, so distributed checkpoints reshard them as they do torch's AdamW state.
     """
 
     def __init__(self, params, ema_params: list[torch.Tensor], ema_decay: float, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
-        flat = [p for group in self.param_groups for p in group["params"]]
+        flat = [_local(p) for group in self.param_groups for p in group["params"]]
         if len(ema_params) != len(flat) or any(e.shape != p.shape for e, p in zip(ema_params, flat)):
             raise ValueError(f"AdamWEMA: {len(ema_params)} EMA tensors for {len(flat)} parameters, or shapes differ")
         if any(p.dtype != torch.float32 or e.dtype != torch.float32 or not p.is_contiguous()
@@ -132,7 +141,7 @@ class AdamWEMA(torch.optim.AdamW):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            device = params[0].device
+            device = _local(params[0]).device
             scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device, torch.float32)
             skipped = torch.zeros((), device=device) if skip is None else skip.to(device, torch.float32)
             steps = []
@@ -145,12 +154,14 @@ class AdamWEMA(torch.optim.AdamW):
                 steps.append(state["step"].to(device) if state["step"].device != device else state["step"])
                 state["step"] = steps[-1]
             torch._foreach_add_(steps, 1.0 - skipped)  # counts advance unless skipped (on the device)
-            grads = [p.grad.contiguous() for p in params]  # kept alive until the kernel has been queued
-            table = torch.tensor([[p.data_ptr(), g.data_ptr(), self.state[p]["exp_avg"].data_ptr(),
-                                   self.state[p]["exp_avg_sq"].data_ptr(), ema_of[id(p)].data_ptr(),
-                                   step.data_ptr(), p.numel()] for p, g, step in zip(params, grads, steps)],
+            grads = [_local(p.grad).contiguous() for p in params]  # alive until the kernel is queued
+            table = torch.tensor([[_local(p).data_ptr(), g.data_ptr(), _local(self.state[p]["exp_avg"]).data_ptr(),
+                                   _local(self.state[p]["exp_avg_sq"]).data_ptr(), ema_of[id(p)].data_ptr(),
+                                   step.data_ptr(), g.numel()] for p, g, step in zip(params, grads, steps)],
                                  dtype=torch.int64)
-            block_tensor, block_start = self._blocks(tuple(p.numel() for p in params), device)
+            block_tensor, block_start = self._blocks(tuple(g.numel() for g in grads), device)
+            if not block_tensor.numel():  # every local shard is empty on this rank
+                continue
             _adamw_ema_kernel[(block_tensor.numel(),)](
                 to_device_async(table, device), block_tensor, block_start, scale, skipped, group["lr"], beta1, beta2,
                 group["eps"], group["weight_decay"], 1.0 - self.ema_decay, _log(beta1), _log(beta2),

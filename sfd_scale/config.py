@@ -128,8 +128,8 @@ class OptimConfig:
     """Global-norm gradient clipping; 0 disables it."""
     warmup_steps: int = 0
     fused_ema: bool = False
-    """Clip scale, AdamW and the EMA in one Triton kernel per parameter (kernels/adamw_ema.py;
-    local and ddp engines, CUDA), skipping a non-finite step on the device. Off until its GPU
+    """Clip scale, AdamW and the EMA in one Triton kernel launch (kernels/adamw_ema.py;
+    local, ddp and fsdp2 engines, CUDA), skipping a non-finite step on the device. Off until its GPU
     time is measured (docs/benchmarks.md)."""
 
 

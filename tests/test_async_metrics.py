@@ -147,18 +147,24 @@ def test_spike_detection_sees_the_same_losses_read_late(tmp_path, data_dir):
     assert guards[True] == guards[False]
 
 
+def _two_ranks(tmp_path, cfg, engine: str, run: str, max_steps: int) -> dict:
+    """Train `cfg` on 2 ranks of `engine` (resuming `run` if it has a checkpoint); the worker's dump."""
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    dump = tmp_path / f"{run}-{max_steps}.pt"
+    launch(2, ["--config", str(tmp_path / "cfg.yaml"), "--run-dir", str(tmp_path / run), "--max-steps",
+               str(max_steps), "--set", f"parallel.engine={engine}", "--dump", str(dump)], tmp_path / f"{run}-logs",
+           env={"TRITON_INTERPRET": "1"}, timeout=300)
+    return torch.load(dump, weights_only=True)
+
+
 @pytest.mark.distributed
-def test_two_ddp_ranks_with_async_metrics_match_one_process(tmp_path, data_dir):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_ranks_with_async_metrics_match_one_process(tmp_path, data_dir, engine):
     # Spike detection on: the rank-averaged loss is all-reduced inside every step.
     cfg = _config(data_dir, True, train={"log_every": 2, "ckpt_every": 3}, guard={"spike_factor": 5.0, "spike_window": 2})
     single = Trainer(cfg, tmp_path / "single")
     single.fit(4)
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    dump = tmp_path / "ddp.pt"
-    launch(2, ["--config", str(tmp_path / "cfg.yaml"), "--run-dir", str(tmp_path / "ddp"), "--max-steps", "4",
-               "--set", "parallel.engine=ddp", "--dump", str(dump)], tmp_path / "logs",
-           env={"TRITON_INTERPRET": "1"}, timeout=300)
-    ddp = torch.load(dump, weights_only=True)
+    ddp = _two_ranks(tmp_path, cfg, engine, engine, 4)
     want, got = read_losses(tmp_path / "single"), ddp["losses"]
     assert sorted(got) == sorted(want) == [2, 4]
     assert [got[s] for s in (2, 4)] == pytest.approx([want[s] for s in (2, 4)], rel=1e-5)
@@ -168,12 +174,21 @@ def test_two_ddp_ranks_with_async_metrics_match_one_process(tmp_path, data_dir):
             torch.testing.assert_close(ddp[name][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}.{key}: {m}")
 
 
+@pytest.mark.distributed
+def test_fsdp2_fused_optimizer_resumes_exactly_from_its_sharded_state(tmp_path, data_dir):
+    cfg = _config(data_dir, True, train={"log_every": 2, "ckpt_every": 2})
+    straight = _two_ranks(tmp_path, cfg, "fsdp2", "straight", 4)
+    _two_ranks(tmp_path, cfg, "fsdp2", "resumed", 2)
+    resumed = _two_ranks(tmp_path, cfg, "fsdp2", "resumed", 4)  # from the DCP checkpoint of step 2
+    assert resumed["step"] == straight["step"] == 4
+    assert_identical(resumed["model"], straight["model"])
+    assert_identical(resumed["ema"], straight["ema"])
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"train": {"async_metrics": True}}, "train.async_metrics needs optim.fused_ema=true"),
-    ({"optim": {"fused_ema": True}, "parallel": {"engine": "fsdp2"}},
-     "optim.fused_ema runs with parallel.engine local or ddp"),
     ({"optim": {"fused_ema": True}, "parallel": {"engine": "deepspeed", "zero_stage": 2}},
-     "optim.fused_ema runs with parallel.engine local or ddp"),
+     "optim.fused_ema runs with parallel.engine local, ddp or fsdp2"),
 ])
 def test_settings_that_would_be_ignored_or_sync_anyway_are_refused(data_dir, settings, message):
     cfg = tiny_sfd_config(data_dir, **settings)

@@ -248,12 +248,13 @@ def check_config_fits(cfg: SFDConfig, dims: ParallelDims) -> None:
     if p.engine == "deepspeed" and p.zero_stage == 3 and cfg.model.fp8 != "none":
         raise ValueError(f"model.fp8={cfg.model.fp8} does not work with DeepSpeed ZeRO-3 (its partitioned "
                          "parameters are empty outside its hooks); use parallel.zero_stage 1/2 or fsdp2")
-    fused_engine = p.engine in ("local", "ddp") and p.tensor_parallel == 1
+    fused_engine = p.engine in ("local", "ddp", "fsdp2") and p.tensor_parallel == 1
     if cfg.optim.fused_ema and not fused_engine:
-        raise ValueError(f"optim.fused_ema runs with parallel.engine local or ddp and no tensor parallelism "
-                         f"(got engine {p.engine}, tensor_parallel {p.tensor_parallel}); set optim.fused_ema=false")
+        raise ValueError(f"optim.fused_ema runs with parallel.engine local, ddp or fsdp2 and no tensor "
+                         f"parallelism (got engine {p.engine}, tensor_parallel {p.tensor_parallel}); "
+                         "set optim.fused_ema=false")
     if cfg.train.async_metrics and not cfg.optim.fused_ema:
         raise ValueError("train.async_metrics needs optim.fused_ema=true (a non-finite step must be skipped on "
-                         "the device, without asking the host); set both, with parallel.engine local or ddp")
+                         "the device, without asking the host); set both, with parallel.engine local, ddp or fsdp2")
     if p.backend == "nccl" and cfg.train.device == "cpu":
         raise ValueError("parallel.backend=nccl needs GPUs, but train.device=cpu; use backend gloo or auto")

@@ -90,7 +90,8 @@ class Engine(abc.ABC):
         """`step` with no host synchronisation: (grad norm, skipped) as device scalars. Only the
         engines running the fused AdamW + EMA kernel (optim.fused_ema) can skip on the device."""
         raise NotImplementedError(f"{type(self).__name__} cannot step without a host synchronisation; "
-                                  "train.async_metrics needs parallel.engine local or ddp with optim.fused_ema=true")
+                                  "train.async_metrics needs parallel.engine local, ddp or fsdp2 with "
+                                  "optim.fused_ema=true")
 
     @abc.abstractmethod
     def save(self, folder: Path) -> None:
@@ -118,7 +119,9 @@ class LocalEngine(Engine):
         self.optim_cfg = optim_cfg
         self.ema = EMA(self.module, ema_decay)
         if optim_cfg.fused_ema:
-            self.optimizer = build_fused_ema_optimizer(self.module, self.ema, optim_cfg, device)
+            self.optimizer = build_fused_ema_optimizer(list(self.module.parameters()),
+                                                       [e.data for e in self.ema.model.parameters()],
+                                                       ema_decay, optim_cfg, device)
         else:
             self.optimizer = build_optimizer(self.module, optim_cfg, device)
 
@@ -155,12 +158,7 @@ class LocalEngine(Engine):
         if not self.optim_cfg.fused_ema:
             raise ValueError("a step without host synchronisation needs optim.fused_ema=true")
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        norm, bad_loss = grad_norm_and_bad_loss(grads, loss, sharded=False)
-        skipped = torch.maximum(bad_loss, (~torch.isfinite(norm)).float())
-        set_lr(self.optimizer, lr)
-        max_norm = self.optim_cfg.max_grad_norm
-        self.optimizer.step(grad_scale=clip_coefficient(norm, max_norm) if max_norm > 0 else None, skip=skipped)
-        return norm, skipped > 0
+        return fused_step_on_device(self.optimizer, grads, loss, lr, self.optim_cfg.max_grad_norm, sharded=False)
 
     def save(self, folder: Path) -> None:
         write_state(folder, "model", self.module.state_dict())
@@ -174,6 +172,18 @@ class LocalEngine(Engine):
 
     def consolidated_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         return _to_cpu(self.module.state_dict()), _to_cpu(self.ema.state_dict())
+
+
+def fused_step_on_device(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], loss: torch.Tensor,
+                         lr: float, max_norm: float, sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip scale, AdamW and EMA in the fused kernel (`AdamWEMA`), skipping on the device when the
+    loss or the global gradient norm is not finite on any rank; (grad norm, skipped) stay device
+    scalars. `grads` are this rank's gradients (local shards when `sharded`)."""
+    norm, bad_loss = grad_norm_and_bad_loss(grads, loss, sharded=sharded)
+    skipped = torch.maximum(bad_loss, (~torch.isfinite(norm)).float())
+    set_lr(optimizer, lr)
+    optimizer.step(grad_scale=clip_coefficient(norm, max_norm) if max_norm > 0 else None, skip=skipped)
+    return norm, skipped > 0
 
 
 def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

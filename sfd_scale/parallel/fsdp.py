@@ -35,8 +35,8 @@ from sfd_scale.config import OptimConfig
 from sfd_scale.parallel.checkpointing import clean_name
 from sfd_scale.parallel.dims import ParallelDims
 from sfd_scale.parallel.distributed import clip_grads_and_check
-from sfd_scale.parallel.engine import Engine, PlainModel, StepStats, plain_model_factory
-from sfd_scale.train.optim import build_optimizer, set_lr
+from sfd_scale.parallel.engine import Engine, PlainModel, StepStats, fused_step_on_device, plain_model_factory
+from sfd_scale.train.optim import build_fused_ema_optimizer, build_optimizer, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,10 @@ class FSDP2Engine(Engine):
         named = [(clean_name(n), p) for n, p in model.named_parameters()]
         self.params = [p for _, p in named]
         self.ema = ShardedEMA(named, ema_decay)
-        self.optimizer = build_optimizer(model, optim_cfg, device)
+        if optim_cfg.fused_ema:  # the kernel updates the parameter, moment and EMA shards in place
+            self.optimizer = build_fused_ema_optimizer(self.params, self.ema._local, ema_decay, optim_cfg, device)
+        else:
+            self.optimizer = build_optimizer(model, optim_cfg, device)
 
     def unwrap(self) -> nn.Module:
         return self.model
@@ -131,6 +134,9 @@ class FSDP2Engine(Engine):
         loss.backward()
 
     def step(self, lr: float, loss: torch.Tensor) -> StepStats:
+        if self.optim_cfg.fused_ema:
+            norm, skipped = self.step_on_device(lr, loss)
+            return StepStats(float(norm), bool(skipped))  # the step's one host synchronisation
         grads = [p.grad.to_local() for p in self.params if p.grad is not None]
         grad_norm, finite = clip_grads_and_check(grads, self.optim_cfg.max_grad_norm, loss, sharded=True)
         if not finite:
@@ -139,6 +145,13 @@ class FSDP2Engine(Engine):
         self.optimizer.step()
         self.ema.update(self.params)
         return StepStats(grad_norm, skipped=False)
+
+    def step_on_device(self, lr: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused step (optim.fused_ema) on the local shards, with no host synchronisation."""
+        if not self.optim_cfg.fused_ema:
+            raise ValueError("a step without host synchronisation needs optim.fused_ema=true")
+        grads = [p.grad.to_local() for p in self.params if p.grad is not None]
+        return fused_step_on_device(self.optimizer, grads, loss, lr, self.optim_cfg.max_grad_norm, sharded=True)
 
     def _dcp_state(self) -> dict:
         return {"model": get_model_state_dict(self.model),

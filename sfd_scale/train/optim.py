@@ -10,7 +10,6 @@ from torch.distributed.tensor import DTensor
 
 from sfd_scale.config import OptimConfig
 from sfd_scale.models.fast_paths import fused_kernels_unavailable
-from sfd_scale.train.ema import EMA
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +88,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     return torch.optim.AdamW(params, **hyper, **{kernel: True})
 
 
-def build_fused_ema_optimizer(model: nn.Module, ema: EMA, cfg: OptimConfig,
-                              device: torch.device) -> torch.optim.Optimizer:
-    """`kernels/adamw_ema.AdamWEMA` over the trainable parameters, updating `ema`'s copies of them
-    in the same kernel (then `ema.update` must not run). CUDA, or the CPU under Triton's interpreter."""
+def build_fused_ema_optimizer(params: list[nn.Parameter], ema_tensors: list[torch.Tensor], ema_decay: float,
+                              cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """`kernels/adamw_ema.AdamWEMA` over the trainable `params`, updating their EMA copies
+    `ema_tensors` (local shards for sharded parameters) in the same kernel; then no separate EMA
+    update may run. CUDA, or the CPU under Triton's interpreter."""
     reason = fused_kernels_unavailable(device)
     if reason is not None:
         raise ValueError(f"optim.fused_ema cannot run: {reason}")
     from sfd_scale.kernels.adamw_ema import AdamWEMA
 
-    pairs = [(p, e) for p, e in zip(model.parameters(), ema.model.parameters()) if p.requires_grad]
+    pairs = [(p, e) for p, e in zip(params, ema_tensors) if p.requires_grad]
     log.info("optimizer: AdamW + clip + EMA fused (Triton), lr %g, betas (%g, %g), weight decay %g",
              cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay)
-    return AdamWEMA([p for p, _ in pairs], [e.data for _, e in pairs], ema.decay, lr=cfg.lr,
+    return AdamWEMA([p for p, _ in pairs], [e for _, e in pairs], ema_decay, lr=cfg.lr,
                     betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
