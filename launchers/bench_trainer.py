@@ -1,20 +1,26 @@
-"""Time the real trainer loop (shards -> loader -> step -> metric reads), synchronous and with
-train.async_metrics, on synthetic reference-layout shards of the configured model's shapes.
+"""Time the real trainer loop (shards -> loader -> engine step -> metric reads) on synthetic
+reference-layout shards of the configured model's shapes, on one process or under a launcher:
 
   python launchers/bench_trainer.py --config configs/sfd_xxl.yaml --batch-size 32 --json xxl_trainer.json
+  torchrun --nproc_per_node 8 launchers/bench_trainer.py --config configs/sfd_xxl.yaml \\
+      --set parallel.engine=fsdp2 --batch-size 32 --work-dir /shared/bench
 
-Uses the config's model settings (compile, fast paths) and the fused AdamW + EMA step (CUDA, or
-the CPU under TRITON_INTERPRET=1). Prints a table; --json FILE also writes the figures
-(sfd_scale/trainer_bench.py). `launchers/bench.py` times the step alone, for comparison.
+Uses the config's model, engine and parallel settings; --batch-size is per data-parallel rank.
+Engines with the fused AdamW + EMA kernel (local, ddp, fsdp2; CUDA, or the CPU under
+TRITON_INTERPRET=1) run the loop synchronously and with train.async_metrics. Rank 0 prints a
+table; --json FILE also writes the figures (sfd_scale/trainer_bench.py). --work-dir must be
+visible to every rank (rank 0 writes the shards there once).
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from sfd_scale.atomic import atomic_write_bytes
 from sfd_scale.bench import bench_config
 from sfd_scale.logging import get_logger
+from sfd_scale.parallel import distributed
 from sfd_scale.trainer_bench import format_trainer_report, run_trainer_benchmark
 
 
@@ -23,26 +29,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="YAML run configuration (default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per data-parallel rank and step")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per loop mode")
     parser.add_argument("--samples", type=int, default=1024, help="synthetic samples in the shards")
-    parser.add_argument("--shard-dir", type=Path, default=None, help="keep the shards here (default: a temp dir)")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_trainer"),
+                        help="shards (kept for the next run) and the runs' logs")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    import json
-
     args = parse_args(argv)
     get_logger()
     cfg = bench_config(args.config, args.overrides)
-    report = run_trainer_benchmark(cfg, args.batch_size, args.warmup, args.steps, args.samples, args.shard_dir)
-    print(format_trainer_report(report))
-    if args.json:
-        atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
+    report = run_trainer_benchmark(cfg, args.batch_size, args.warmup, args.steps, args.samples, args.work_dir)
+    if distributed.rank() == 0:
+        print(format_trainer_report(report))
+        if args.json:
+            atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
+    distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    distributed.exit_after_distributed_run()

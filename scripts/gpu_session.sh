@@ -89,7 +89,8 @@ run_named() {
     sync_free) step blocks_graphs_fused_ema_sync_free 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free.json" ;;
     trainer) step trainer_loop_sync_vs_async 200 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
-      --set model.compile_mode=reduce-overhead --batch-size 32 --warmup 5 --steps 20 --json "$OUT/trainer.json" ;;
+      --set model.compile_mode=reduce-overhead --batch-size 32 --warmup 5 --steps 20 --work-dir /tmp/trainer_bench \
+      --json "$OUT/trainer.json" ;;
     encode) step extraction_encoders 90 $PY launchers/bench_data.py --encode --device cuda --batch-size 64 \
       --seconds 10 --json "$OUT/encode.json" ;;
     dali) step dali_vs_pil_decoding 120 bash -c "$PY scripts/sample_jpegs.py /tmp/jpegs 512 && \

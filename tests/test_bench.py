@@ -162,13 +162,31 @@ def test_launcher_sync_free_step_needs_the_fused_optimizer(tmp_path):
 def test_trainer_benchmark_times_both_loops_through_the_loader(tmp_path):
     out = tmp_path / "trainer.json"
     args = [*TINY_MODEL_ARGS, "--set", "train.device=cpu", "--batch-size", "4", "--warmup", "1", "--steps", "3",
-            "--samples", "24", "--shard-dir", str(tmp_path / "shards"), "--json", str(out)]
+            "--samples", "24", "--work-dir", str(tmp_path / "work"), "--json", str(out)]
     done = subprocess.run([sys.executable, "launchers/bench_trainer.py", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
+    assert (report["engine"], report["world_size"], report["global_batch"], report["fused_ema"]) == ("local", 1, 4, True)
     assert [(r["async_metrics"], r["steps"]) for r in report["runs"]] == [(False, 3), (True, 3)]
     assert all(r["images_per_s"] > 0 and r["host_syncs_per_step"] is None for r in report["runs"])  # CPU
     assert report["async_speedup"] == pytest.approx(report["runs"][1]["images_per_s"] / report["runs"][0]["images_per_s"])
-    assert len(list((tmp_path / "shards").glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "work" / "shards").glob("*.safetensors"))) == 2
     assert "| async metrics |" in done.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("engine, loops", [("fsdp2", [False, True]), ("deepspeed", [False])])
+def test_trainer_benchmark_runs_the_configured_engine_on_two_ranks(tmp_path, engine, loops):
+    from dist_worker import launch
+
+    out = tmp_path / "trainer.json"
+    args = [*TINY_MODEL_ARGS, "--set", "train.device=cpu", "--set", f"parallel.engine={engine}",
+            "--batch-size", "2", "--warmup", "1", "--steps", "2", "--samples", "24",
+            "--work-dir", str(tmp_path / "work"), "--json", str(out)]
+    logs = launch(2, args, tmp_path / "logs", script=ROOT / "launchers" / "bench_trainer.py",
+                  env={"TRITON_INTERPRET": "1"}, timeout=300)
+    report = json.loads(out.read_text())
+    assert (report["engine"], report["world_size"], report["global_batch"]) == (engine, 2, 4)
+    assert [r["async_metrics"] for r in report["runs"]] == loops
+    assert "| synchronous |" in logs[0] and "| synchronous |" not in logs[1]  # rank 0 reports
