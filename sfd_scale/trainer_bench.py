@@ -11,6 +11,7 @@ the GPU inside a step. Other engines (DeepSpeed, tensor parallel) run the synchr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import time
 from pathlib import Path
@@ -45,12 +46,12 @@ def time_trainer(cfg: SFDConfig, run_dir: Path, dims: ParallelDims, warmup_steps
     over two steps."""
     trainer = Trainer(cfg, run_dir, dims=dims)
     device = trainer.device
-    trainer.fit(warmup_steps, final_checkpoint=False)
-    syncs = count_host_syncs(lambda: trainer.fit(trainer.step + 2, final_checkpoint=False), device)
+    _train_on(trainer, warmup_steps)
+    syncs = count_host_syncs(functools.partial(_train_on, trainer, 2), device)
     _synchronize(device)
     distributed.barrier()
     start = time.perf_counter()
-    trainer.fit(trainer.step + steps, final_checkpoint=False)
+    _train_on(trainer, steps)
     _synchronize(device)
     seconds = float(distributed.all_reduce(torch.tensor([time.perf_counter() - start]), op="max")[0])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -106,6 +107,10 @@ def format_trainer_report(report: dict) -> str:
     if report["async_speedup"] is not None:
         lines.append(f"async / synchronous: {report['async_speedup']:.3f}x images/s")
     return "\n".join(lines)
+
+
+def _train_on(trainer: Trainer, steps: int) -> None:
+    trainer.fit(trainer.step + steps, final_checkpoint=False)
 
 
 def _synchronize(device: torch.device) -> None:
