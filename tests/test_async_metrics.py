@@ -7,6 +7,7 @@ on the CPU).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -194,3 +195,16 @@ def test_settings_that_would_be_ignored_or_sync_anyway_are_refused(data_dir, set
     cfg = tiny_sfd_config(data_dir, **settings)
     with pytest.raises(ValueError, match=message):
         check_config_fits(cfg, ParallelDims(world_size=1, rank=0, local_rank=0, tp=1))
+
+
+@pytest.mark.distributed
+def test_fsdp2_with_compiled_blocks_fused_optimizer_and_async_metrics_trains_like_one_process(tmp_path, data_dir):
+    # The multi-GPU candidate configuration, all four together (inductor's CPU backend here).
+    cfg = _config(data_dir, True, train={"log_every": 2, "ckpt_every": 0})
+    single = Trainer(cfg, tmp_path / "single")
+    single.fit(4)
+    compiled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile="blocks"))
+    got = _two_ranks(tmp_path, compiled, "fsdp2", "compiled", 4)["losses"]
+    want = read_losses(tmp_path / "single")
+    assert sorted(got) == sorted(want) == [2, 4]
+    assert [got[s] for s in (2, 4)] == pytest.approx([want[s] for s in (2, 4)], rel=1e-4)
