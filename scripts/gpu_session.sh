@@ -4,8 +4,9 @@
 #   OUT=/path/to/results SESSION_BUDGET_S=450 bash scripts/gpu_session.sh [STEP ...]
 #
 # Device calls carry [".peer", ".whl/torchao-0.18.0-<...>.whl", ".whl/dali-bundle.tar.sha256",
-# ".whl/dali-bundle.tar.part-aa"] (not all of .whl: it is over one call's 64 MiB), later calls one
-# more DALI part each.
+# ".whl/dali-bundle.tar.part-aa"] (~60 MB with the tree; all of .whl is over one call's 64 MiB);
+# later calls to the warm machine one more DALI part each (ab, ac, ad: `true` as the command),
+# the last one (ae) running `dali encode`.
 #
 # STEP names a check below (default: all, in the order of STEPS at the end: what the next GPU session
 # most needs first). Each step's limit is ~1.6x the time it took on the H200 (2026-11-27).
