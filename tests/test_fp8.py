@@ -94,3 +94,27 @@ def test_compare_precision_trains_both_recipes_from_the_same_start(tmp_path):
     assert min(bf16[-5:]) < bf16[0]                # and training moved
     gap = report["against_reference"]["rowwise"]
     assert 0 < gap["mean_relative_gap"] < 0.01 and gap == compare(bf16, fp8, report["window"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fsdp2_with_fp8_linears_trains_like_one_process(tmp_path, recipe):
+    import yaml
+
+    from dist_worker import launch, read_losses
+    from fixtures import tiny_sfd_config, write_latent_folder
+    from sfd_scale.config import to_dict
+    from sfd_scale.train.trainer import Trainer
+
+    data = write_latent_folder(tmp_path / "latents")
+    # Width 48: the SwiGLU width 128 is divisible by 16, as FP8 matmuls need.
+    cfg = tiny_sfd_config(data, model={"hidden_size": 48, "fp8": recipe}, train={"log_every": 1, "ckpt_every": 0})
+    single = Trainer(cfg, tmp_path / "single")
+    single.fit(3)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    dump = tmp_path / "fsdp.pt"
+    logs = launch(2, ["--config", str(tmp_path / "cfg.yaml"), "--run-dir", str(tmp_path / "fsdp"), "--max-steps", "3",
+                      "--set", "parallel.engine=fsdp2", "--dump", str(dump)], tmp_path / "logs", timeout=300)
+    assert all(f"FP8 (torchao, {recipe} recipe, emulated on the CPU): 8 linear layers" in log for log in logs)
+    got, want = torch.load(dump, weights_only=True)["losses"], read_losses(tmp_path / "single")
+    assert [got[s] for s in (1, 2, 3)] == pytest.approx([want[s] for s in (1, 2, 3)], rel=1e-4)
