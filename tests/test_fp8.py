@@ -115,6 +115,6 @@ def test_fsdp2_with_fp8_linears_trains_like_one_process(tmp_path, recipe):
     dump = tmp_path / "fsdp.pt"
     logs = launch(2, ["--config", str(tmp_path / "cfg.yaml"), "--run-dir", str(tmp_path / "fsdp"), "--max-steps", "3",
                       "--set", "parallel.engine=fsdp2", "--dump", str(dump)], tmp_path / "logs", timeout=300)
-    assert all(f"FP8 (torchao, {recipe} recipe, emulated on the CPU): 8 linear layers" in log for log in logs)
+    assert f"FP8 (torchao, {recipe} recipe, emulated on the CPU): 8 linear layers" in logs[0]  # rank 0 logs
     got, want = torch.load(dump, weights_only=True)["losses"], read_losses(tmp_path / "single")
     assert [got[s] for s in (1, 2, 3)] == pytest.approx([want[s] for s in (1, 2, 3)], rel=1e-4)
