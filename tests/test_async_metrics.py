@@ -190,8 +190,10 @@ def test_fsdp2_fused_optimizer_resumes_exactly_from_its_sharded_state(tmp_path, 
     ({"train": {"async_metrics": True}}, "train.async_metrics needs optim.fused_ema=true"),
     ({"optim": {"fused_ema": True}, "parallel": {"engine": "deepspeed", "zero_stage": 2}},
      "optim.fused_ema runs with parallel.engine local, ddp or fsdp2"),
+    ({"model": {"compile": "blocks", "compile_mode": "reduce-overhead"}, "parallel": {"engine": "fsdp2"}},
+     "model.compile_mode=reduce-overhead \\(CUDA graphs\\) does not work with parallel.engine=fsdp2"),
 ])
-def test_settings_that_would_be_ignored_or_sync_anyway_are_refused(data_dir, settings, message):
+def test_fast_path_settings_that_cannot_work_together_are_refused(data_dir, settings, message):
     cfg = tiny_sfd_config(data_dir, **settings)
     with pytest.raises(ValueError, match=message):
         check_config_fits(cfg, ParallelDims(world_size=1, rank=0, local_rank=0, tp=1))

@@ -248,6 +248,11 @@ def check_config_fits(cfg: SFDConfig, dims: ParallelDims) -> None:
     if p.engine == "deepspeed" and p.zero_stage == 3 and cfg.model.fp8 != "none":
         raise ValueError(f"model.fp8={cfg.model.fp8} does not work with DeepSpeed ZeRO-3 (its partitioned "
                          "parameters are empty outside its hooks); use parallel.zero_stage 1/2 or fsdp2")
+    if p.engine == "fsdp2" and cfg.model.compile != "none" and cfg.model.compile_mode == "reduce-overhead":
+        # FSDP2 all-gathers each block's parameters in hooks around its forward and backward:
+        # collectives that CUDA-graph replays of the compiled blocks cannot contain.
+        raise ValueError("model.compile_mode=reduce-overhead (CUDA graphs) does not work with parallel.engine=fsdp2; "
+                         "use compile_mode default there, or the local / ddp engine")
     fused_engine = p.engine in ("local", "ddp", "fsdp2") and p.tensor_parallel == 1
     if cfg.optim.fused_ema and not fused_engine:
         raise ValueError(f"optim.fused_ema runs with parallel.engine local, ddp or fsdp2 and no tensor "
