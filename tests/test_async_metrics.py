@@ -200,13 +200,15 @@ def test_fast_path_settings_that_cannot_work_together_are_refused(data_dir, sett
 
 
 @pytest.mark.distributed
-def test_fsdp2_with_compiled_blocks_fused_optimizer_and_async_metrics_trains_like_one_process(tmp_path, data_dir):
-    # The multi-GPU candidate configuration, all four together (inductor's CPU backend here).
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_compiled_blocks_fused_optimizer_and_async_metrics_on_two_ranks_train_like_one_process(
+        tmp_path, data_dir, engine):
+    # The multi-GPU candidate configurations, all together (inductor's CPU backend here).
     cfg = _config(data_dir, True, train={"log_every": 2, "ckpt_every": 0})
     single = Trainer(cfg, tmp_path / "single")
     single.fit(4)
     compiled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile="blocks"))
-    got = _two_ranks(tmp_path, compiled, "fsdp2", "compiled", 4)["losses"]
+    got = _two_ranks(tmp_path, compiled, engine, "compiled", 4)["losses"]
     want = read_losses(tmp_path / "single")
     assert sorted(got) == sorted(want) == [2, 4]
     assert [got[s] for s in (2, 4)] == pytest.approx([want[s] for s in (2, 4)], rel=1e-4)
