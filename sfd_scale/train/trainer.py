@@ -11,6 +11,11 @@ function of it), the loader's position and every random generator, so k steps + 
 (n - k) steps equals n straight steps.
 The loader position, the loss generator and the counters are global (identical on every rank,
 written once); the process-wide generators are per rank (one file each).
+
+A step is queued (`_launch`) and then read (`_finish`: losses, gradient norm, skip flag, the
+guard's verdict). With train.async_metrics the loop reads step k only after queueing step k + 1,
+so the host never waits for the GPU inside a step; steps that log, checkpoint or preview are read
+at once, so those always see every step up to their own.
 """
 from __future__ import annotations
 
