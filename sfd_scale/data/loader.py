@@ -6,9 +6,9 @@ batch tensors; no file is opened per sample. Two ways to read (`ReadMode`):
     row is one memcpy out of the mapping (one torch copy where the stored dtype is widened).
     A row is announced (MADV_WILLNEED) before its first copy, so rows not in the page cache are
     read from disk together rather than fault by fault; later copies skip the system call while
-    its pages stay mapped (every copy is announced when the shards exceed half the memory). Against pread on the 2-core dev VM
-    (docs/benchmarks.md, "Loader"): 1.2-1.5x with the shards cached and mapped, 1.0x on the
-    first touch of cached shards (page faults), 2.1x from disk.
+    its pages stay mapped (every copy is announced when the shards exceed half the memory).
+    Against pread on the 2-core dev VM (docs/benchmarks.md, "Loader"): 1.7x with the shards
+    cached and mapped, 1.0x on the first touch of cached shards (page faults), 2.1x from disk.
   pread: positioned reads (`os.preadv`) into the batch rows, neighbouring rows in one call;
     the kernel's page-cache copy is slower than a user-space memcpy, but nothing is mapped.
 Both give bit-identical batches. A sample is returned as the reference `ImgLatentDataset`
