@@ -53,15 +53,20 @@ def _norm_then_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tens
     return modulate(rms_norm(x, weight, eps), shift, scale)
 
 
-def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): rotation by 90 degrees in each pair."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...)."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each interleaved pair of x by the angles whose cosines and sines the tables hold."""
-    return x * cos + rotate_pairs(x) * sin
+    """Rotate each interleaved pair of x by the angles whose cosines and sines the tables hold:
+    x * cos + (-x1, x0, -x3, x2, ...) * sin.
+
+    The sign goes onto the small table and x's pairs are only swapped (a flip): inductor fuses a
+    flip into its consumer, while a stack of x's halves became a buffer (q and k written and read
+    once more in fp32). Same values: -(a * b) == (-a) * b."""
+    signed_sin = torch.stack((-sin[..., 0::2], sin[..., 1::2]), dim=-1).flatten(-2)
+    return x * cos + swap_pairs(x) * signed_sin
 
 
 class Rope2D(nn.Module):
@@ -159,8 +164,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope2D) -> torch.Tensor:
         b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                   # each (B, heads, N, head_dim)
+        # Split along the qkv axis of the matmul's layout, then move heads forward: the backward
+        # then stacks dq, dk, dv straight into the layout the qkv matmul's backward reads (a
+        # permute before the unbind would cost one more copy of the whole qkv gradient).
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))     # each (B, heads, N, head_dim)
         q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
         out = self.attend(q, k, v)                                # (B, heads, N, head_dim)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
