@@ -101,7 +101,8 @@ sfd_setup_threads() {  # defaults only: anything already in the environment wins
     export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron-core overlap
   fi
   sfd_log "threads: OMP_NUM_THREADS=$OMP_NUM_THREADS; NCCL_DEBUG=$NCCL_DEBUG" \
-          "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-<nccl default>} NCCL_IB_HCA=${NCCL_IB_HCA:-<nccl default>}"
+          "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-<nccl default>} NCCL_IB_HCA=${NCCL_IB_HCA:-<nccl default>}" \
+          "GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-<gloo default>}"
 }
 
 # ------------------------------------------------------------------------------------------

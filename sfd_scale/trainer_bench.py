@@ -56,6 +56,7 @@ def time_trainer(cfg: SFDConfig, run_dir: Path, dims: ParallelDims, warmup_steps
     seconds = float(distributed.all_reduce(torch.tensor([time.perf_counter() - start]), op="max")[0])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     del trainer
+    torch._dynamo.reset()  # the next mode compiles afresh; CUDA-graph pools of this one are freed
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -74,13 +75,12 @@ def run_trainer_benchmark(cfg: SFDConfig, rank_batch: int, warmup_steps: int, st
     device = resolve_device(cfg.train.device, dims.local_rank)
     if dims.world_size > 1:
         distributed.init_process_group(dims, cfg.parallel.backend, device)
-    shard_dir = work_dir / "shards"
-    if dims.is_main:
-        make_bench_shards(shard_dir, num_shards=2, per_shard=samples // 2,
-                          texture_channels=cfg.model.in_channels - cfg.model.semantic_channels,
-                          semantic_channels=cfg.model.semantic_channels, dino_channels=cfg.model.repa_feature_dim,
-                          latent_size=cfg.model.input_size, num_classes=cfg.model.num_classes)
-    distributed.barrier()
+    # Rank 0 writes (or reuses) the shards; a failure there reaches every rank at once.
+    shard_dir = distributed.run_on_main(functools.partial(
+        make_bench_shards, work_dir / "shards", num_shards=2, per_shard=samples // 2,
+        texture_channels=cfg.model.in_channels - cfg.model.semantic_channels,
+        semantic_channels=cfg.model.semantic_channels, dino_channels=cfg.model.repa_feature_dim,
+        latent_size=cfg.model.input_size, num_classes=cfg.model.num_classes))
     fused = cfg.parallel.engine in FUSED_ENGINES and cfg.parallel.tensor_parallel == 1
     runs = [time_trainer(bench_run_config(cfg, shard_dir, rank_batch, dims, mode), work_dir / f"run-{mode}",
                          dims, warmup_steps, steps) for mode in ((False, True) if fused else (False,))]

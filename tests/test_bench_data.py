@@ -63,6 +63,9 @@ def test_bench_shards_have_the_reference_layout_and_are_reused(tmp_path):
     make_bench_shards(tmp_path, num_shards=2, per_shard=5, texture_channels=3, semantic_channels=2,
                       dino_channels=6, latent_size=2)
     assert infos[0].path.stat().st_mtime_ns == stamp
+    make_bench_shards(tmp_path, num_shards=2, per_shard=5, texture_channels=3, semantic_channels=2,
+                      dino_channels=8, latent_size=2)  # another model's shapes: written anew
+    assert validate_shard(infos[0].path).shapes["feats_dino"] == (5, 8, 2, 2)
 
 
 def test_per_sample_reader_equals_the_loader_sample_by_sample(tmp_path):

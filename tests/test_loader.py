@@ -416,3 +416,31 @@ def test_rows_are_announced_on_first_copy_or_always_when_shards_exceed_memory(tm
     for a, b in zip(first, again):
         assert torch.equal(a, b)
     shards._maps = maps
+
+
+@pytest.mark.parametrize("mode", ["mmap", "pread"])
+def test_close_waits_for_a_read_in_flight_and_later_reads_are_refused(tmp_path, monkeypatch, mode):
+    import threading
+    import time
+
+    ds = LatentShardDataset(_write_folder(tmp_path / "lat"), read_mode=mode)
+    shards_type, entered, finished = type(ds._shards), threading.Event(), []
+    read_rows = shards_type.read_rows
+
+    def slow_read_rows(self, *args):  # a reader thread in the middle of its copy
+        entered.set()
+        time.sleep(0.3)
+        read_rows(self, *args)
+        finished.append(True)
+
+    monkeypatch.setattr(shards_type, "read_rows", slow_read_rows)
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(batch=ds.gather(torch.tensor([0, 8]), torch.tensor([False, True]))))
+    reader.start()
+    entered.wait()
+    ds.close()  # unmapping under that copy was a BufferError or a crash; closing an fd, a read of whatever reuses it
+    assert finished == [True, True]  # both reads of the batch (one per shard) were over before close returned
+    reader.join()
+    assert _ids(got["batch"]) == [0, 8] and _flipped(got["batch"]) == [False, True]
+    with pytest.raises(ValueError, match="the latent dataset is closed"):
+        ds.gather(torch.tensor([0]), torch.tensor([False]))

@@ -66,12 +66,16 @@ def make_bench_shards(
     seed: int = 0,
     num_classes: int = 1000,
 ) -> Path:
-    """Random shards in the reference layout (our writer) plus exact stats; kept if present."""
+    """Random shards in the reference layout (our writer) plus exact stats; kept if present with
+    the same sizes and shapes (labels are not checked)."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     want = [data_dir / shard_name(0, k) for k in range(num_shards)]
+    shapes = {TEXTURE_KEY: (per_shard, texture_channels, latent_size, latent_size),
+              SEMANTIC_KEY: (per_shard, semantic_channels, latent_size, latent_size),
+              DINO_KEY: (per_shard, dino_channels, latent_size, latent_size)}
     if all(p.exists() for p in want) and (data_dir / "latents_sv_stats.pt").exists():
-        if [validate_shard(p).num_samples for p in want] == [per_shard] * num_shards:
+        if all({k: tuple(validate_shard(p).shapes[k]) for k in shapes} == shapes for p in want):
             return data_dir
     gen = torch.Generator().manual_seed(seed)
     stats = {TEXTURE_KEY: RunningStats(texture_channels), SEMANTIC_KEY: RunningStats(semantic_channels)}

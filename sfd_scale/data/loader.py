@@ -49,6 +49,7 @@ import enum
 import logging
 import mmap
 import os
+import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -180,6 +181,8 @@ class LatentShardDataset:
         self._semantic_norm = (
             _stats(data_dir, SEMANTIC_KEY, self.semantic_channels) if latent_sv_norm else None
         )
+        self._readers = 0  # gather_into calls in progress (reader threads); close() waits for them
+        self._idle = threading.Condition()
         self._shards: _MappedShards | _PreadShards | None = (
             _MappedShards(self.infos) if self.read_mode is ReadMode.MMAP else _PreadShards(self.infos)
         )
@@ -201,7 +204,12 @@ class LatentShardDataset:
     def close(self) -> None:
         """Unmap / close the shard files (also done when the dataset is garbage-collected).
         No loader may be reading from the dataset any more."""
-        shards, self._shards = getattr(self, "_shards", None), None
+        idle = getattr(self, "_idle", None)
+        if idle is None:  # __init__ failed before the shards were opened
+            return
+        with idle:
+            shards, self._shards = getattr(self, "_shards", None), None  # no new reads from here on
+            idle.wait_for(lambda: self._readers == 0)  # reads in progress still use the mapping
         if shards is not None:
             shards.close()
 
@@ -238,9 +246,20 @@ class LatentShardDataset:
 
     def gather_into(self, out: HostBatch, indices: torch.Tensor, flip: torch.Tensor) -> Batch:
         """Read samples `indices` into the first B rows of `out` and return those rows."""
-        shards = self._shards
-        if shards is None:
-            raise ValueError("the latent dataset is closed; create a new LatentShardDataset")
+        with self._idle:
+            shards = self._shards
+            if shards is None:
+                raise ValueError("the latent dataset is closed; create a new LatentShardDataset")
+            self._readers += 1
+        try:
+            return self._gather(shards, out, indices, flip)
+        finally:
+            with self._idle:
+                self._readers -= 1
+                self._idle.notify_all()
+
+    def _gather(self, shards: "_MappedShards | _PreadShards", out: HostBatch, indices: torch.Tensor,
+                flip: torch.Tensor) -> Batch:
         if indices.dim() != 1 or flip.shape != indices.shape:
             raise ValueError(
                 f"indices and flip must both be (B,), got {list(indices.shape)} and {list(flip.shape)}"

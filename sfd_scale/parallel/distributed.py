@@ -46,7 +46,7 @@ def init_process_group(dims: ParallelDims, backend: str, device: torch.device,
     A single process gets a group of one on a free local port, so engines that need a group
     (ddp, fsdp2) also run without a launcher.
     """
-    global _JOINED
+    global _JOINED, _HOST_GROUP
     if dist.is_initialized():
         if dist.get_world_size() != dims.world_size or dist.get_rank() != dims.rank:
             raise RuntimeError(f"a process group already exists with rank {dist.get_rank()} of "
@@ -60,6 +60,8 @@ def init_process_group(dims: ParallelDims, backend: str, device: torch.device,
     dist.init_process_group(backend, init_method=f"tcp://{dims.master_addr}:{port}",
                             rank=dims.rank, world_size=dims.world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
+    if backend == "nccl":  # made now, so a node gloo cannot reach (GLOO_SOCKET_IFNAME) fails at start
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     log.info("process group: %s backend, %s", backend, dims.describe())
 
 
@@ -119,7 +121,8 @@ _HOST_GROUP: dist.ProcessGroup | None = None
 
 def _host_group() -> dist.ProcessGroup | None:
     """The group that reduces CPU tensors: the default group unless it is NCCL, else a gloo group
-    over the same ranks, made at the first host reduction (every rank reaches it in order)."""
+    over the same ranks, made by `init_process_group` (or, for a group someone else initialised,
+    at the first host reduction, which every rank reaches at the same point)."""
     global _HOST_GROUP
     if dist.get_backend() != "nccl":
         return None
