@@ -36,8 +36,8 @@ _FIELDS = 7
 @triton.jit
 def _adamw_ema_kernel(table_ptr, block_tensor_ptr, block_start_ptr, scale_ptr, skip_ptr,
                       lr, beta1, beta2, eps, weight_decay, ema_weight, log_beta1, log_beta2,
-                      FIELDS: tl.constexpr, BLOCK: tl.constexpr):
-    # One launch for every tensor: program i updates elements [start, start + BLOCK) of tensor
+                      FIELDS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    # One launch for many tensors: program i updates elements [start, start + BLOCK) of tensor
     # block_tensor[i], whose addresses and size are row block_tensor[i] of the table.
     pid = tl.program_id(0)
     row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * FIELDS
@@ -48,38 +48,52 @@ def _adamw_ema_kernel(table_ptr, block_tensor_ptr, block_start_ptr, scale_ptr, s
     ema_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
     step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
     n = tl.load(row + 6)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
-    # Broadcast loads of the three device scalars (the interpreter rejects a vector mask `&` a
-    # scalar): a skipped step masks every load and store away.
-    zero = offs * 0
-    keep = tl.load(skip_ptr + zero) == 0
-    mask = (offs < n) & keep
-    # At least 1: a step skipped before any update leaves the count at 0 (nothing is stored then).
-    step = tl.maximum(tl.load(step_ptr + zero), 1.0)
-    scale = tl.load(scale_ptr + zero)
+    start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)
+    if ALIGNED:
+        # Addresses read from a table carry no alignment, so Triton would move one float at a
+        # time; these tensors are 16-byte aligned with sizes divisible by 4: 128-bit accesses.
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        ema_ptr = tl.multiple_of(ema_ptr, 16)
+        n = tl.multiple_of(n, 4)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    keep = tl.load(skip_ptr) == 0
+    # At least 1: a step skipped before any update leaves the count at 0.
+    step = tl.maximum(tl.load(step_ptr), 1.0)
+    scale = tl.load(scale_ptr)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0) * scale
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    p = p * (1.0 - lr * weight_decay)
-    m = m + (1.0 - beta1) * (g - m)
-    v = v * beta2 + (1.0 - beta2) * g * g
+    p0 = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    m0 = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v0 = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    e0 = tl.load(ema_ptr + offs, mask=mask, other=0.0)
+    m = m0 + (1.0 - beta1) * (g - m0)
+    v = v0 * beta2 + (1.0 - beta2) * g * g
     bias1 = 1.0 - tl.exp(step * log_beta1)
     bias2_sqrt = tl.sqrt(1.0 - tl.exp(step * log_beta2))
-    p = p - (lr / bias1) * (m / (tl.sqrt(v) / bias2_sqrt + eps))
-    tl.store(p_ptr + offs, p, mask=mask)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    e = tl.load(ema_ptr + offs, mask=mask, other=0.0)
-    tl.store(ema_ptr + offs, e + ema_weight * (p - e), mask=mask)
+    p = p0 * (1.0 - lr * weight_decay) - (lr / bias1) * (m / (tl.sqrt(v) / bias2_sqrt + eps))
+    e = e0 + ema_weight * (p - e0)
+    # A skipped step writes back what it read. Selecting rather than masking keeps the mask
+    # uniform over each 4-float vector, which 128-bit accesses need.
+    tl.store(p_ptr + offs, tl.where(keep, p, p0), mask=mask)
+    tl.store(m_ptr + offs, tl.where(keep, m, m0), mask=mask)
+    tl.store(v_ptr + offs, tl.where(keep, v, v0), mask=mask)
+    tl.store(ema_ptr + offs, tl.where(keep, e, e0), mask=mask)
 
 
 def block_table(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(tensor index, first element) of every BLOCK-sized piece of tensors of these sizes."""
-    blocks = [-(-n // _BLOCK) for n in numels]
-    tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(blocks))
-    first = torch.cat([torch.arange(b, dtype=torch.int64) * _BLOCK for b in blocks])
+    blocks = torch.tensor([-(-n // _BLOCK) for n in numels], dtype=torch.int64)
+    tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
+    first = torch.cat([torch.arange(int(b), dtype=torch.int64) * _BLOCK for b in blocks]) if numels else blocks
     return tensor.to(device), first.to(device)
+
+
+def _aligned(row: list[int]) -> bool:
+    """A table row whose five tensors start on 16 bytes and hold a multiple of 4 floats."""
+    return all(address % 16 == 0 for address in row[:5]) and row[6] % 4 == 0
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +110,8 @@ class AdamWEMA(torch.optim.AdamW):
     """torch.optim.AdamW whose `step` also clips (by a device scale) and updates the EMA, in one
     Triton kernel launch for all parameters of a group (a table of their addresses, rebuilt every
     step because gradients are new tensors; XXL has 358 parameter tensors, so one launch instead
-    of 358 saves the host several milliseconds a step). Its state dict is AdamW's, so checkpoints
+    of 358 saves the host several milliseconds a step), two when some tensors are not 16-byte
+    aligned (shards, bucket views), which then get the kernel without 128-bit accesses. Its state dict is AdamW's, so checkpoints
     move between the two.
 
     `ema_params[i]` is the EMA tensor of the i-th parameter (same shape, fp32, same device).
@@ -154,16 +169,17 @@ class AdamWEMA(torch.optim.AdamW):
                 steps.append(state["step"].to(device) if state["step"].device != device else state["step"])
                 state["step"] = steps[-1]
             torch._foreach_add_(steps, 1.0 - skipped)  # counts advance unless skipped (on the device)
-            grads = [_local(p.grad).contiguous() for p in params]  # alive until the kernel is queued
-            table = torch.tensor([[_local(p).data_ptr(), g.data_ptr(), _local(self.state[p]["exp_avg"]).data_ptr(),
-                                   _local(self.state[p]["exp_avg_sq"]).data_ptr(), ema_of[id(p)].data_ptr(),
-                                   step.data_ptr(), g.numel()] for p, g, step in zip(params, grads, steps)],
-                                 dtype=torch.int64)
-            block_tensor, block_start = self._blocks(tuple(g.numel() for g in grads), device)
-            if not block_tensor.numel():  # every local shard is empty on this rank
-                continue
-            _adamw_ema_kernel[(block_tensor.numel(),)](
-                to_device_async(table, device), block_tensor, block_start, scale, skipped, group["lr"], beta1, beta2,
-                group["eps"], group["weight_decay"], 1.0 - self.ema_decay, _log(beta1), _log(beta2),
-                FIELDS=_FIELDS, BLOCK=_BLOCK)
+            grads = [_local(p.grad).contiguous() for p in params]  # alive until the kernels are queued
+            rows = [[_local(p).data_ptr(), g.data_ptr(), _local(self.state[p]["exp_avg"]).data_ptr(),
+                     _local(self.state[p]["exp_avg_sq"]).data_ptr(), ema_of[id(p)].data_ptr(),
+                     step.data_ptr(), g.numel()] for p, g, step in zip(params, grads, steps)]
+            hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], 1.0 - self.ema_decay,
+                     _log(beta1), _log(beta2))
+            for aligned in (True, False):  # fresh allocations are aligned; views (shards, buckets) may not be
+                subset = [r for r in rows if _aligned(r) == aligned]
+                block_tensor, block_start = self._blocks(tuple(r[6] for r in subset), device)
+                if block_tensor.numel():  # none when every tensor is elsewhere or an empty shard
+                    _adamw_ema_kernel[(block_tensor.numel(),)](
+                        to_device_async(torch.tensor(subset, dtype=torch.int64), device), block_tensor, block_start,
+                        scale, skipped, *hyper, FIELDS=_FIELDS, BLOCK=_BLOCK, ALIGNED=aligned)
         return None

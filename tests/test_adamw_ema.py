@@ -188,13 +188,20 @@ def test_one_launch_updates_every_tensor_of_a_group_block_by_block(monkeypatch):
 
     tensor, first = adamw_ema.block_table((1500, 1, 2048), torch.device("cpu"))
     assert tensor.tolist() == [0, 0, 1, 2, 2] and first.tolist() == [0, 1024, 0, 0, 1024]
+    assert [t.numel() for t in adamw_ema.block_table((), torch.device("cpu"))] == [0, 0]
 
     kernel, grids = adamw_ema._adamw_ema_kernel, []
+
+    launches = []
 
     class Counted:
         def __getitem__(self, grid):
             grids.append(grid)
-            return kernel[grid]
+
+            def launch(*args, **kwargs):
+                launches.append(kwargs["ALIGNED"])
+                return kernel[grid](*args, **kwargs)
+            return launch
 
     monkeypatch.setattr(adamw_ema, "_adamw_ema_kernel", Counted())
     ref, ours = params(), params()
@@ -206,6 +213,36 @@ def test_one_launch_updates_every_tensor_of_a_group_block_by_block(monkeypatch):
         set_grads(ours, step)
         torch_opt.step()
         fused.step()
-    assert grids == [(2 + 2,), (1,)] * 2  # 1500 and 33 x 40 elements: two blocks each; then one
+    # 1500 and 33 x 40 elements: two blocks each, 16-byte aligned; then the 1-element one, which is
+    # not a multiple of 4 floats and goes to the kernel without 128-bit accesses.
+    assert grids == [(2 + 2,), (1,)] * 2
+    assert launches == [True, False] * 2
     for a, b in zip(ref, ours):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=2e-6, atol=2e-7)
+
+
+def _ptx_for_hopper(aligned: bool) -> str:
+    """The fused kernel compiled for sm_90 (Triton needs no GPU to emit PTX)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from sfd_scale.kernels import adamw_ema
+
+    signature = {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64", "scale_ptr": "*fp32",
+                 "skip_ptr": "*fp32", **{name: "fp32" for name in ("lr", "beta1", "beta2", "eps", "weight_decay",
+                                                                  "ema_weight", "log_beta1", "log_beta2")},
+                 "FIELDS": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}
+    # The compiled kernel, also where this module imported it under Triton's interpreter.
+    kernel = JITFunction(getattr(adamw_ema._adamw_ema_kernel, "fn", adamw_ema._adamw_ema_kernel))
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={"FIELDS": adamw_ema._FIELDS, "BLOCK": adamw_ema._BLOCK, "ALIGNED": aligned})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+def test_aligned_tensors_get_128_bit_loads_and_stores(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compile for real (for a GPU target), do not interpret
+    aligned, unaligned = _ptx_for_hopper(True), _ptx_for_hopper(False)
+    assert aligned.count("ld.global.v4.b32") >= 5 and aligned.count("st.global.v4.b32") >= 4  # g p m v e; p m v e
+    assert "ld.global.v4" not in unaligned and "st.global.v4" not in unaligned
