@@ -21,18 +21,15 @@ import torch
 from sfd_scale.config import SFDConfig
 from sfd_scale.data.bench import make_bench_shards
 from sfd_scale.parallel import distributed
-from sfd_scale.parallel.dims import ParallelDims
+from sfd_scale.parallel.dims import ParallelDims, has_fused_optimizer
 from sfd_scale.profile_step import count_host_syncs
 from sfd_scale.train.trainer import Trainer, resolve_device
-
-FUSED_ENGINES = ("local", "ddp", "fsdp2")
-
 
 def bench_run_config(cfg: SFDConfig, data_dir: Path, rank_batch: int, dims: ParallelDims,
                      async_metrics: bool) -> SFDConfig:
     """`cfg` on `data_dir` with `rank_batch` samples per data-parallel rank, the fused optimizer
     where the engine has it, no checkpoints or previews, and one log row per `fit` call."""
-    fused = cfg.parallel.engine in FUSED_ENGINES and cfg.parallel.tensor_parallel == 1
+    fused = has_fused_optimizer(cfg.parallel)
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, data_dir=str(data_dir)),
         optim=dataclasses.replace(cfg.optim, fused_ema=fused),
@@ -81,7 +78,7 @@ def run_trainer_benchmark(cfg: SFDConfig, rank_batch: int, warmup_steps: int, st
         texture_channels=cfg.model.in_channels - cfg.model.semantic_channels,
         semantic_channels=cfg.model.semantic_channels, dino_channels=cfg.model.repa_feature_dim,
         latent_size=cfg.model.input_size, num_classes=cfg.model.num_classes))
-    fused = cfg.parallel.engine in FUSED_ENGINES and cfg.parallel.tensor_parallel == 1
+    fused = has_fused_optimizer(cfg.parallel)
     runs = [time_trainer(bench_run_config(cfg, shard_dir, rank_batch, dims, mode), work_dir / f"run-{mode}",
                          dims, warmup_steps, steps) for mode in ((False, True) if fused else (False,))]
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -70,3 +70,21 @@ def triton_interpreter_without_gpu():
         if not torch.cuda.is_available():
             patch.setenv("TRITON_INTERPRET", "1")
         yield
+
+
+def hopper_ptx(monkeypatch: pytest.MonkeyPatch, module, kernel: str, signature: dict[str, str],
+               constexprs: dict, attrs: dict | None = None, helpers: tuple[str, ...] = ()) -> str:
+    """PTX of `module.kernel` compiled for sm_90; Triton emits it without a GPU. The kernel and the
+    jit `helpers` it calls are rebuilt as compilable functions, also where the module was imported
+    under Triton's interpreter."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for name in (kernel, *helpers):
+        jitted = getattr(module, name)
+        monkeypatch.setattr(module, name, JITFunction(getattr(jitted, "fn", jitted)))
+    source = ASTSource(fn=getattr(module, kernel), signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]

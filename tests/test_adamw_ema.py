@@ -221,29 +221,17 @@ def test_one_launch_updates_every_tensor_of_a_group_block_by_block(monkeypatch):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=2e-6, atol=2e-7)
 
 
-def _ptx_for_hopper(aligned: bool) -> str:
-    """The fused kernel compiled for sm_90 (Triton needs no GPU to emit PTX)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
+@pytest.mark.skipif(torch.cuda.is_available(), reason="PTX inspection is the CPU machines' check; a GPU runs the kernel")
+def test_aligned_tensors_get_128_bit_loads_and_stores(monkeypatch):
+    from fixtures import hopper_ptx
     from sfd_scale.kernels import adamw_ema
 
     signature = {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64", "scale_ptr": "*fp32",
                  "skip_ptr": "*fp32", **{name: "fp32" for name in ("lr", "beta1", "beta2", "eps", "weight_decay",
                                                                   "ema_weight", "log_beta1", "log_beta2")},
                  "FIELDS": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}
-    # The compiled kernel, also where this module imported it under Triton's interpreter.
-    kernel = JITFunction(getattr(adamw_ema._adamw_ema_kernel, "fn", adamw_ema._adamw_ema_kernel))
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={"FIELDS": adamw_ema._FIELDS, "BLOCK": adamw_ema._BLOCK, "ALIGNED": aligned})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="PTX inspection is the CPU machines' check; a GPU runs the kernel")
-def test_aligned_tensors_get_128_bit_loads_and_stores(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compile for real (for a GPU target), do not interpret
-    aligned, unaligned = _ptx_for_hopper(True), _ptx_for_hopper(False)
+    aligned, unaligned = (hopper_ptx(monkeypatch, adamw_ema, "_adamw_ema_kernel", signature,
+                                     {"FIELDS": adamw_ema._FIELDS, "BLOCK": adamw_ema._BLOCK, "ALIGNED": flag})
+                          for flag in (True, False))
     assert aligned.count("ld.global.v4.b32") >= 5 and aligned.count("st.global.v4.b32") >= 4  # g p m v e; p m v e
     assert "ld.global.v4" not in unaligned and "st.global.v4" not in unaligned

@@ -142,23 +142,13 @@ def test_rope_refuses_what_it_cannot_do():
 def test_rope_kernel_moves_whole_rows_in_128_bit_accesses(monkeypatch):
     """The kernel compiled for sm_90 as a launch on aligned bf16 tensors with head_dim 64 would
     specialise it (Triton emits PTX without a GPU): no 2-byte loads of every other element."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
+    from fixtures import hopper_ptx
     from sfd_scale.kernels import rope
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for name in ("_rotate_kernel", "_pairs"):  # compilable versions, also where imported under the interpreter
-        jitted = getattr(rope, name)
-        monkeypatch.setattr(rope, name, JITFunction(getattr(jitted, "fn", jitted)))
-    kernel = rope._rotate_kernel
     signature = {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16", "rows": "i32",
                  "tokens": "i32", "head_dim": "i32", "INVERSE": "constexpr", "ROWS": "constexpr", "BLOCK_D": "constexpr"}
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6)}  # pointers, tokens, head_dim
-    source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
-                       constexprs={"INVERSE": False, "ROWS": rope._ROWS, "BLOCK_D": 64})
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    ptx = hopper_ptx(monkeypatch, rope, "_rotate_kernel", signature,
+                     {"INVERSE": False, "ROWS": rope._ROWS, "BLOCK_D": 64}, attrs=aligned, helpers=("_pairs",))
     assert ptx.count("ld.global.v4.b32") >= 3 and ptx.count("st.global.v4.b32") >= 1  # x, cos, sin; out
     assert "ld.global.b16" not in ptx and "st.global.b16" not in ptx

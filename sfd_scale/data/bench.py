@@ -75,7 +75,7 @@ def make_bench_shards(
               SEMANTIC_KEY: (per_shard, semantic_channels, latent_size, latent_size),
               DINO_KEY: (per_shard, dino_channels, latent_size, latent_size)}
     if all(p.exists() for p in want) and (data_dir / "latents_sv_stats.pt").exists():
-        if all({k: tuple(validate_shard(p).shapes[k]) for k in shapes} == shapes for p in want):
+        if all({k: tuple(info.shapes[k]) for k in shapes} == shapes for info in map(validate_shard, want)):
             return data_dir
     gen = torch.Generator().manual_seed(seed)
     stats = {TEXTURE_KEY: RunningStats(texture_channels), SEMANTIC_KEY: RunningStats(semantic_channels)}

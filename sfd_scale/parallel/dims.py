@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sfd_scale.config import SFDConfig
+from sfd_scale.config import ParallelConfig, SFDConfig
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,11 @@ def check_global_batch(key: str, batch: int, grad_accum_steps: int, dims: Parall
                          f"{grad_accum_steps} = {per_step} ({dims.describe()})")
 
 
+def has_fused_optimizer(parallel: ParallelConfig) -> bool:
+    """Whether the engine these settings pick can run the fused AdamW + EMA kernel (optim.fused_ema)."""
+    return parallel.engine in ("local", "ddp", "fsdp2") and parallel.tensor_parallel == 1
+
+
 def check_config_fits(cfg: SFDConfig, dims: ParallelDims) -> None:
     """Raise ValueError (naming every degree) when the engine, batch or accumulation do not fit."""
     p = cfg.parallel
@@ -253,8 +258,7 @@ def check_config_fits(cfg: SFDConfig, dims: ParallelDims) -> None:
         # collectives that CUDA-graph replays of the compiled blocks cannot contain.
         raise ValueError("model.compile_mode=reduce-overhead (CUDA graphs) does not work with parallel.engine=fsdp2; "
                          "use compile_mode default there, or the local / ddp engine")
-    fused_engine = p.engine in ("local", "ddp", "fsdp2") and p.tensor_parallel == 1
-    if cfg.optim.fused_ema and not fused_engine:
+    if cfg.optim.fused_ema and not has_fused_optimizer(p):
         raise ValueError(f"optim.fused_ema runs with parallel.engine local, ddp or fsdp2 and no tensor "
                          f"parallelism (got engine {p.engine}, tensor_parallel {p.tensor_parallel}); "
                          "set optim.fused_ema=false")

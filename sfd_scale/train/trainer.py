@@ -86,13 +86,12 @@ class _LaunchedStep:
     names: list[str]
     """Loss terms, in the order of `values`."""
     values: torch.Tensor
-    """The loss terms, then the gradient norm and the skip flag (0/1) [, the mean loss]; host memory."""
+    """The loss terms, then the gradient norm and the skip flag (0/1), then with async metrics and
+    spike detection the loss averaged over ranks; host memory."""
     ready: Any
     """CUDA event: `values` may be read once it has fired (None: readable now)."""
     rollbacks: int
     """The guard's rollback count at launch: a later rollback discarded this step's update."""
-    with_mean_loss: bool
-    """`values` ends with the loss averaged over ranks (async metrics with spike detection)."""
 
 
 class Trainer:
@@ -255,8 +254,7 @@ class Trainer:
             values = torch.tensor(losses.tolist() + [stats.grad_norm, float(stats.skipped)], dtype=torch.float64)
             ready = None
         self.step += 1
-        with_mean_loss = self.cfg.train.async_metrics and self.guard.watches_spikes
-        return _LaunchedStep(self.step, lr, list(sums), values, ready, self.guard.rollbacks, with_mean_loss)
+        return _LaunchedStep(self.step, lr, list(sums), values, ready, self.guard.rollbacks)
 
     def _finish(self, launched: _LaunchedStep) -> StepResult:
         """Read a launched step's numbers (waiting for them if need be), count a skip and let the
@@ -264,7 +262,7 @@ class Trainer:
         if launched.ready is not None:
             launched.ready.synchronize()
         numbers = launched.values.tolist()
-        mean_loss = numbers.pop() if launched.with_mean_loss else None
+        mean_loss = numbers.pop() if self.cfg.train.async_metrics and self.guard.watches_spikes else None
         *losses, grad_norm, skipped_flag = numbers
         metrics = dict(zip(launched.names, losses))
         metrics.update(grad_norm=grad_norm, lr=launched.lr)
