@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.compile: each block, the whole model, or none")
     parser.add_argument("--compile-mode", choices=COMPILE_INDUCTOR_MODES, default="default",
                         help="inductor mode of --compile ('reduce-overhead': CUDA graphs)")
+    parser.add_argument("--compile-tuning", action="store_true",
+                        help="inductor tunes the block sizes of its generated kernels (model.compile_tuning)")
     parser.add_argument("--fp8", choices=FP8_RECIPES, default="none",
                         help="torchao float8 recipe for the blocks' large linears (Ada/Hopper GPUs)")
     parser.add_argument("--sync-free", action="store_true",
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = bench_config(args.config, overrides)
     options = BenchOptions(batch_size=args.batch_size, warmup_steps=args.warmup, steps=args.steps,
                            attention=args.attention or cfg.model.attention, compile=args.compile, compile_mode=args.compile_mode, fp8=args.fp8,
-                           sync_free=args.sync_free,
+                           compile_tuning=args.compile_tuning, sync_free=args.sync_free,
                            fused_kernels=args.fused_kernels, baseline=not args.no_baseline,
                            profile_steps=args.profile_steps)
     command = shlex.join(["python", "launchers/bench.py", *(sys.argv[1:] if argv is None else argv)])

@@ -3,11 +3,12 @@
 #
 #   OUT=/path/to/results SESSION_BUDGET_S=450 bash scripts/gpu_session.sh [STEP ...]
 #
-# Device calls carry [".peer", ".whl/torchao-0.18.0-<...>.whl", ".whl/dali-bundle.tar.sha256",
-# ".whl/dali-bundle.tar.part-aa"] (~60 MB with the tree; all of .whl is over one call's 64 MiB);
-# later calls to the warm machine one more DALI part each (ab, ac, ad: `true` as the command),
-# the last one (ae) running `dali encode`.
-#
+# The first device call carries [".peer", ".whl/torchao-0.18.0-<...>.whl"] and runs the default
+# steps with SESSION_BUDGET_S ~470 (timeout_s 560); ignored files stay on the warm machine, so a
+# second call carries nothing and runs what the first one skipped (named as STEP arguments).
+# `dali` needs the DALI bundle (~270 MB, over one call's 64 MiB): carried as
+# .whl/dali-bundle.tar.part-aa..ae plus .whl/dali-bundle.tar.sha256, one part per call to a warm
+# machine, so only a session with device time to spare takes it.
 # STEP names a check below (default: all, in the order of STEPS at the end: what the next GPU session
 # most needs first). Each step's limit is ~1.6x the time it took on the H200 (2026-11-27).
 # Runs on the GPU machine from the repository root with the image's python3 (torch, triton);
@@ -80,7 +81,12 @@ run_named() {
     kernel_tests) step kernel_and_async_tests 100 $PY -m pytest -q -x -p no:cacheprovider -m "not distributed" \
       tests/test_kernels.py tests/test_adamw_ema.py tests/test_async_metrics.py ;;
     reference) step reference_as_shipped 70 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
+    reference_tuned) step reference_plain_tuning 70 $PY .peer/peer_bench.py step --batch 32 --ema foreach --fused-adam ;;
     model) step model_compile 180 $PY "${XXL[@]}" --compile model --no-baseline --json "$OUT/xxl_model.json" ;;
+    best) step best_fp8_rowwise 120 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead --set optim.fused_ema=true \
+      --sync-free --fp8 rowwise --no-baseline --profile-steps 3 --json "$OUT/xxl_best_fp8_rowwise.json" ;;
+    best_tensorwise) step best_fp8_tensorwise 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+      --set optim.fused_ema=true --sync-free --fp8 tensorwise --no-baseline --json "$OUT/xxl_best_fp8_tensorwise.json" ;;
     fp8) step fp8_rowwise_blocks 120 $PY "${XXL[@]}" --compile blocks --fp8 rowwise --no-baseline \
       --profile-steps 3 --json "$OUT/xxl_fp8_blocks.json" ;;
     fp8_curve) step fp8_vs_bf16_loss_curve 240 $PY launchers/compare_precision.py --set optim.lr=2e-4 \
@@ -89,6 +95,8 @@ run_named() {
       --set optim.fused_ema=true --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused_ema.json" ;;
     sync_free) step blocks_graphs_fused_ema_sync_free 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free.json" ;;
+    tuning) step sync_free_kernel_tuning 200 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead --compile-tuning \
+      --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free_tuned.json" ;;
     trainer) step trainer_loop_sync_vs_async 200 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
       --set model.compile_mode=reduce-overhead --batch-size 32 --warmup 5 --steps 20 --work-dir /tmp/trainer_bench \
       --json "$OUT/trainer.json" ;;
@@ -104,7 +112,10 @@ run_named() {
   esac
 }
 STEPS=("$@")
-(( ${#STEPS[@]} )) || STEPS=(env kernel_tests reference blocks_graphs sync_free trainer fp8 fp8_curve optimizer blocks_fused_ema ac_ops encode dali ceiling blocks ac_blocks blocks_fused eager_fused model model_graphs)
+# What the session most needs first: the reference and its plain tuning on this card, our fastest bf16 and FP8
+# steps, the GPU tests of the kernels they use, FP8's loss curve; then the rows that attribute the gains.
+(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned sync_free best best_tensorwise kernel_tests fp8_curve trainer
+  tuning blocks_graphs optimizer blocks_fused_ema fp8 ac_ops encode dali ceiling blocks ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 
 # Summary: one line per measured run.

@@ -88,6 +88,8 @@ class BenchOptions:
     """none | blocks (regional, every block) | model (whole forward)."""
     compile_mode: str = "default"
     """Inductor mode (COMPILE_INDUCTOR_MODES); 'reduce-overhead' replays CUDA graphs."""
+    compile_tuning: bool = False
+    """Inductor tunes its generated kernels' block sizes (`model.compile_tuning`)."""
     fused_kernels: bool = False
     """Triton SwiGLU and RoPE kernels (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     fp8: str = "none"
@@ -128,6 +130,7 @@ class Variant:
     compile_mode: str = "default"
     fp8: str = "none"
     sync_free: bool = False
+    compile_tuning: bool = False
 
 
 def bench_config(path: str | Path | None, overrides: list[str]) -> SFDConfig:
@@ -252,7 +255,8 @@ def build_training_step(cfg: SFDConfig, variant: Variant, batches: list[tuple[to
     apply_fp8(engine.module, variant.fp8, device)
     if variant.fused_kernels:
         apply_fused_kernels(engine.module, device)
-    apply_compile(engine.module, variant.compile, inductor_mode=variant.compile_mode)
+    apply_compile(engine.module, variant.compile, inductor_mode=variant.compile_mode,
+                  kernel_tuning=variant.compile_tuning)
     loss_fn = SFDLoss(cfg.diffusion, cfg.model.semantic_channels)
     use_feats = cfg.model.repa_depth > 0
     generator = torch.Generator().manual_seed(cfg.train.seed + 1)
@@ -304,7 +308,8 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
     if skipped:
         log.warning("%s: %d step(s) were skipped as non-finite; their time still counts", variant.label, skipped)
     return {"label": variant.label, "attention": backend, "compile": variant.compile,
-            "compile_mode": variant.compile_mode, "fp8": variant.fp8, "sync_free": variant.sync_free,
+            "compile_mode": variant.compile_mode, "compile_tuning": variant.compile_tuning, "fp8": variant.fp8,
+            "sync_free": variant.sync_free,
             "fused_kernels": variant.fused_kernels, "images_per_s": options.batch_size / median,
             "step_s_median": median, "step_s_all": times, "peak_mem_gib": peak, "host_syncs": syncs,
             **({"profile": profile} if profile is not None else {})}
@@ -341,7 +346,7 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
     ceiling = matmul_ceiling_tflops(device, dtype)
     peak = datasheet_peak_tflops(name, dtype)
     fast = Variant("configured", options.attention, options.compile, options.fused_kernels, options.compile_mode,
-                   options.fp8, options.sync_free)
+                   options.fp8, options.sync_free, options.compile_tuning)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
@@ -382,7 +387,8 @@ def format_table(report: dict) -> str:
              "| run | attention | compile | fused | fp8 | s/step | images/s | TFLOP/s | MFU ceiling | MFU peak | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in [report] + ([report["baseline"]] if "baseline" in report else []):
-        compile_label = r["compile"] + ("" if r.get("compile_mode", "default") == "default" else f" ({r['compile_mode']})")
+        compile_label = r["compile"] + ("" if r.get("compile_mode", "default") == "default" else f" ({r['compile_mode']})") \
+            + (", tuned" if r.get("compile_tuning") else "")
         cells = [r["label"], r["attention"], compile_label, "yes" if r["fused_kernels"] else "no", r.get("fp8", "none"),
                  f"{r['step_s_median']:.4g}", f"{r['images_per_s']:.4g}", f"{r['tflops_per_s']:.3g}",
                  _cell(r["mfu"]["vs_measured_ceiling"], ".1%"), _cell(r["mfu"]["vs_datasheet_peak"], ".1%"),

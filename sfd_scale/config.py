@@ -67,9 +67,12 @@ class ModelConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """Inductor mode of that compile; 'reduce-overhead' replays CUDA graphs (GPU), which takes the
     kernel launches off the CPU at the cost of static input copies."""
+    compile_tuning: bool = False
+    """Inductor tunes the block sizes of the kernels it generates (coordinate descent, GPU): a longer
+    first compile, cached afterwards."""
 
 
-MODEL_FAST_PATH_KEYS = frozenset({"attention", "fused_kernels", "compile", "compile_mode", "fp8"})
+MODEL_FAST_PATH_KEYS = frozenset({"attention", "fused_kernels", "compile", "compile_mode", "compile_tuning", "fp8"})
 """`model` settings that change how the network runs, not what its weights mean: a run may resume
 with other values (switch compile on, try FP8) and an export loads regardless of them."""
 

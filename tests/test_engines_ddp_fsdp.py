@@ -7,6 +7,7 @@ on the same world size must be bit-identical.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import os
@@ -404,6 +405,55 @@ def test_host_values_are_reduced_by_a_gloo_group_beside_nccl(tmp_path):
         r = torch.load(f"{out}.{rank}", weights_only=True)
         assert r["gloo_default"] and r["host_backend"] == "gloo" and r["one_group"] and r["reset"]
         assert r["sum"] == [3.0, 20.0] and r["stop"] == [1.0] and r["mean"] == {"a": 0.5}
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 numerics: engines that compute with bf16 weights round like autocast over fp32 weights
+# ----------------------------------------------------------------------------------------------
+def _bf16_rounding_worker(rank: int, port: int, out: str) -> None:
+    """Relative error against the fp32 forward of (a) bf16 autocast over fp32 weights (local, DDP:
+    the reference's recipe), (b) FSDP2's bf16 policy, (c) DeepSpeed's bf16 mode (the module in
+    bf16), each under the trainer's autocast."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=1)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from sfd_scale.config import ModelConfig
+    from sfd_scale.parallel.fsdp import mixed_precision, shard_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="custom", depth=8, hidden_size=128, num_heads=4, input_size=8,
+                                    in_channels=12, semantic_channels=4, num_classes=10, repa_depth=2,
+                                    repa_projector_dim=64, repa_feature_dim=32)).train()
+    with torch.no_grad():  # away from the zero-initialised gates, so every block contributes
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    x, t_tex, t_sem, y = torch.randn(4, 12, 8, 8), torch.rand(4), torch.rand(4), torch.randint(0, 10, (4,))
+
+    def forward(module: torch.nn.Module, autocast: bool = True) -> torch.Tensor:
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out, _ = module(x, t_tex, t_sem, y, generator=torch.Generator().manual_seed(1))
+        return out.float()
+
+    fsdp = copy.deepcopy(model)
+    shard_model(fsdp, init_device_mesh("cpu", (1,)), mixed_precision("bf16", torch.device("cpu")))
+    want = forward(model, autocast=False)
+    errors = {name: float((forward(m) - want).norm() / want.norm())
+              for name, m in (("autocast", model), ("fsdp2", fsdp), ("bf16_module", copy.deepcopy(model).bfloat16()))}
+    torch.save(errors, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_bf16_weight_engines_round_like_autocast_over_fp32_weights(tmp_path):
+    """FSDP2 and DeepSpeed compute with bf16 weights; the residual stream must stay fp32 as under
+    autocast, or the output's error grows ~2.5x (measured before the fix: 2.4x at depth 12)."""
+    out = str(tmp_path / "errors.pt")
+    mp.start_processes(_bf16_rounding_worker, args=(free_port(), out), nprocs=1, start_method="fork")
+    errors = torch.load(out, weights_only=True)
+    assert 0 < errors["autocast"] < 0.02, errors
+    assert errors["fsdp2"] < 1.5 * errors["autocast"], errors
+    assert errors["bf16_module"] < 1.5 * errors["autocast"], errors
 
 
 # ----------------------------------------------------------------------------------------------

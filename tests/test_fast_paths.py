@@ -8,11 +8,12 @@ import types
 import pytest
 import torch
 
-from sfd_scale.config import ModelConfig, OptimConfig
+from sfd_scale.config import ModelConfig, OptimConfig, SFDConfig
 from sfd_scale.kernels import triton_installed
 from sfd_scale.models import fast_paths
 from sfd_scale.models.layers import attention_math, resolve_attention
 from sfd_scale.models.lightningdit import build_model
+from sfd_scale.parallel.factory import build_training_model
 from sfd_scale.train import optim
 from fixtures import triton_interpreter_without_gpu  # noqa: F401  (autouse, module scope)
 
@@ -170,6 +171,29 @@ def test_compile_keeps_state_dict_keys_and_numbers(mode, count):
         fast_paths.apply_compile(compiled, "all")
     with pytest.raises(ValueError, match="compile mode 'max' is unknown"):
         fast_paths.apply_compile(compiled, "blocks", inductor_mode="max")
+
+
+@pytest.mark.parametrize("mode,tuning,want", [
+    ("default", False, None),
+    ("default", True, {"coordinate_descent_tuning": True}),
+    ("reduce-overhead", True, {"triton.cudagraphs": True, "coordinate_descent_tuning": True}),
+    ("max-autotune-no-cudagraphs", False, {"max_autotune": True, "coordinate_descent_tuning": True}),
+])
+def test_compile_passes_the_mode_and_kernel_tuning_as_inductor_options(monkeypatch, mode, tuning, want):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((self, kwargs)))
+    model = build_model(tiny())
+    assert fast_paths.apply_compile(model, "blocks", inductor_mode=mode, kernel_tuning=tuning) == 2
+    assert [module for module, _ in calls] == list(model.blocks)
+    assert all(kwargs == {"backend": "inductor", "options": want} for _, kwargs in calls)
+
+
+def test_model_compile_tuning_reaches_the_compiled_blocks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    cfg = SFDConfig(model=tiny(compile="blocks", compile_tuning=True))
+    build_training_model(cfg)
+    assert calls and all(kwargs["options"] == {"coordinate_descent_tuning": True} for kwargs in calls)
 
 
 @pytest.mark.skipif(not triton_installed(), reason="Triton is not installed")

@@ -200,6 +200,8 @@ def test_parts_of_other_settings_are_not_mixed_in(run_setup, tmp_path):
     store = PartStore(tmp_path)
     store.prepare(sampling_settings(cfg, checkpoint, plan, "fp32"))
     store.prepare(sampling_settings(cfg, checkpoint, plan, "fp32"))    # same settings: fine
+    fast = replace(cfg, model=replace(cfg.model, compile="blocks", compile_tuning=True, fp8="rowwise"))
+    store.prepare(sampling_settings(fast, checkpoint, plan, "fp32"))   # fast paths: sampling uses none
     other = replace(cfg, sample=replace(cfg.sample, cfg_scale=2.0))
     with pytest.raises(ValueError, match="differing: sample"):
         store.prepare(sampling_settings(other, checkpoint, plan, "fp32"))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from sfd_scale.atomic import atomic_path, atomic_write_bytes
-from sfd_scale.config import ModelConfig, SFDConfig, from_dict, load_yaml, to_dict
+from sfd_scale.config import MODEL_FAST_PATH_KEYS, ModelConfig, SFDConfig, from_dict, load_yaml, to_dict
 from sfd_scale.diffusion.sampler import balanced_labels
 from sfd_scale.eval.generate import (LatentStats, decode_to_uint8, generate_latents,
                                      load_model_for_sampling, save_grid)
@@ -324,7 +324,9 @@ def sampling_settings(cfg: SFDConfig, checkpoint: str | Path, plan: SamplePlan,
         "num_images": plan.num_images,
         "chunk_size": plan.chunk_size,
         "precision": precision,
-        "model": {k: v for k, v in to_dict(cfg.model).items() if k != "attention"},
+        # Fast paths change how the network runs, not its weights; sampling uses only the attention
+        # kernel, whose choice changes the pixels by rounding at most.
+        "model": {k: v for k, v in to_dict(cfg.model).items() if k not in MODEL_FAST_PATH_KEYS},
         "diffusion": to_dict(cfg.diffusion),
         "sample": sample,
         "texture_vae": resolved(cfg.encoders.texture_vae_checkpoint),

@@ -266,9 +266,23 @@ COMPILE_INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagra
 """Inductor modes; 'reduce-overhead' captures CUDA graphs (see `mark_step_begin`)."""
 
 
-def apply_compile(model: nn.Module, mode: str, backend: str = "inductor", inductor_mode: str = "default") -> int:
+def inductor_options(inductor_mode: str, kernel_tuning: bool = False) -> dict[str, bool]:
+    """Inductor's settings for `inductor_mode`, plus coordinate-descent tuning of the block sizes of
+    the kernels it generates (norms, gates, SwiGLU, casts) when `kernel_tuning`: a longer first
+    compile, kept in inductor's cache; the max-autotune modes include it."""
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(inductor_mode))
+    if kernel_tuning:
+        options["coordinate_descent_tuning"] = True
+    return options
+
+
+def apply_compile(model: nn.Module, mode: str, backend: str = "inductor", inductor_mode: str = "default",
+                  kernel_tuning: bool = False) -> int:
     """torch.compile in place: 'blocks' compiles each of `model.blocks` (regional: one graph reused
     by every block, short compile), 'model' the whole forward. Returns how many modules.
+    `inductor_mode` and `kernel_tuning` set inductor's options (`inductor_options`).
 
     `nn.Module.compile` keeps the module and its parameter names, so state dicts are unchanged.
     """
@@ -279,10 +293,11 @@ def apply_compile(model: nn.Module, mode: str, backend: str = "inductor", induct
     if mode == "none":
         return 0
     targets = list(model.blocks) if mode == "blocks" else [model]
-    options = {} if inductor_mode == "default" or backend != "inductor" else {"mode": inductor_mode}
+    options = inductor_options(inductor_mode, kernel_tuning) if backend == "inductor" else {}
     for module in targets:
-        module.compile(backend=backend, **options)
-    log.info("torch.compile (%s, backend %s, mode %s): %d module(s)", mode, backend, inductor_mode, len(targets))
+        module.compile(backend=backend, options=options or None)
+    log.info("torch.compile (%s, backend %s, mode %s%s): %d module(s)", mode, backend, inductor_mode,
+             ", kernel tuning" if kernel_tuning else "", len(targets))
     return len(targets)
 
 

@@ -192,6 +192,12 @@ class LightningDiT(nn.Module):
         if return_repa and self.repa_depth == 0:
             raise ValueError("REPA output requested but model.repa_depth is 0")
         h = self.x_embedder(x) + self.pos_embed                      # (B, N, D)
+        if torch.amp.is_autocast_available(h.device.type) and torch.is_autocast_enabled(h.device.type):
+            # The residual stream stays fp32 under autocast whatever the weights' dtype, as with
+            # the reference's fp32 weights; engines that compute with bf16 weights (FSDP2's
+            # param_dtype, DeepSpeed's bf16 mode) would otherwise carry it in bf16, which more
+            # than doubles the output's rounding error.
+            h = h.float()
         c = self.condition(t_tex, t_sem, y, drop_labels=self.training, generator=generator)
         repa = None
         for index, block in enumerate(self.blocks, start=1):

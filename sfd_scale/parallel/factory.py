@@ -46,7 +46,8 @@ def build_training_model(cfg: SFDConfig, linears: LinearSpec = DENSE,
     if cfg.model.fused_kernels:
         apply_fused_kernels(model, device or torch.device("cpu"))
     apply_activation_checkpointing(model, cfg.parallel)
-    apply_compile(model, cfg.model.compile, inductor_mode=cfg.model.compile_mode)
+    apply_compile(model, cfg.model.compile, inductor_mode=cfg.model.compile_mode,
+                  kernel_tuning=cfg.model.compile_tuning)
     return model
 
 

@@ -45,9 +45,12 @@ DCP_DIR = "dcp"
 
 
 def mixed_precision(precision: str, device: torch.device) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 gradient reduction on GPU (SPEC recipe); fp32 on CPU unless asked."""
+    """bf16 weights for compute with fp32 gradient reduction on GPU (SPEC recipe); fp32 on CPU
+    unless asked. Inputs are not cast: the trainer's autocast casts what the matmuls take, and the
+    latents, times and residual stream stay fp32 as with the other engines."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
     return MixedPrecisionPolicy()
 
 
