@@ -17,7 +17,8 @@ import sys
 
 from sfd_scale.bench import BenchOptions, bench_config, format_table, run_benchmark, write_report
 from sfd_scale.logging import get_logger
-from sfd_scale.models.fast_paths import ATTENTION_NAMES, COMPILE_INDUCTOR_MODES, COMPILE_MODES, FP8_RECIPES
+from sfd_scale.models.fast_paths import (ATTENTION_NAMES, COMPILE_INDUCTOR_MODES, COMPILE_MODES, FP8_RECIPES,
+                                         RESIDUAL_PRECISIONS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="inductor tunes the block sizes of its generated kernels (model.compile_tuning)")
     parser.add_argument("--fp8", choices=FP8_RECIPES, default="none",
                         help="torchao float8 recipe for the blocks' large linears (Ada/Hopper GPUs)")
+    parser.add_argument("--residual", choices=list(RESIDUAL_PRECISIONS), default="fp32",
+                        help="residual stream dtype under autocast (model.residual_precision; bf16: not the reference's numbers)")
     parser.add_argument("--sync-free", action="store_true",
                         help="no host synchronisation in the step (needs --set optim.fused_ema=true)")
     parser.add_argument("--fused-kernels", action="store_true", help="Triton SwiGLU and RoPE kernels")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = bench_config(args.config, overrides)
     options = BenchOptions(batch_size=args.batch_size, warmup_steps=args.warmup, steps=args.steps,
                            attention=args.attention or cfg.model.attention, compile=args.compile, compile_mode=args.compile_mode, fp8=args.fp8,
-                           compile_tuning=args.compile_tuning, sync_free=args.sync_free,
+                           compile_tuning=args.compile_tuning, residual=args.residual, sync_free=args.sync_free,
                            fused_kernels=args.fused_kernels, baseline=not args.no_baseline,
                            profile_steps=args.profile_steps)
     command = shlex.join(["python", "launchers/bench.py", *(sys.argv[1:] if argv is None else argv)])

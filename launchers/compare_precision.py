@@ -1,4 +1,5 @@
-"""Loss curves of bf16 and FP8 training from the same seed, on the same batches: trust FP8 only after this.
+"""Loss curves of bf16, FP8 and bf16-residual training from the same seed, on the same batches: trust
+FP8 or a bf16 residual stream only after this.
 
   python launchers/compare_precision.py --config configs/sfd_xxl.yaml --set data.data_dir=/data/latents \\
       --recipes none rowwise --steps 300 --batch-size 32 --compile blocks --json runs/fp8_vs_bf16.json
@@ -18,7 +19,7 @@ from sfd_scale.atomic import atomic_write_bytes
 from sfd_scale.bench import Variant, bench_config
 from sfd_scale.logging import get_logger
 from sfd_scale.models.fast_paths import COMPILE_MODES, FP8_RECIPES
-from sfd_scale.precision_curve import format_comparison, loss_curves
+from sfd_scale.precision_curve import BF16_RESIDUAL, format_comparison, loss_curves
 from sfd_scale.train.trainer import resolve_device
 
 
@@ -26,8 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML run configuration (default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--recipes", nargs="+", choices=FP8_RECIPES, default=["none", "rowwise"],
-                        help="the first is the reference ('none' = bf16)")
+    parser.add_argument("--recipes", nargs="+", default=["none", "rowwise"],
+                        help=f"the first is the reference; each an FP8 recipe ({', '.join(FP8_RECIPES)}; 'none' = "
+                             f"bf16), '{BF16_RESIDUAL}', or one of each joined by '+'")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--pool", type=int, default=64, help="distinct batches, cycled")

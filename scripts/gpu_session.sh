@@ -87,10 +87,14 @@ run_named() {
       --sync-free --fp8 rowwise --no-baseline --profile-steps 3 --json "$OUT/xxl_best_fp8_rowwise.json" ;;
     best_tensorwise) step best_fp8_tensorwise 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --sync-free --fp8 tensorwise --no-baseline --json "$OUT/xxl_best_fp8_tensorwise.json" ;;
+    residual) step sync_free_bf16_residual 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+      --set optim.fused_ema=true --sync-free --residual bf16 --no-baseline --profile-steps 3 --json "$OUT/xxl_bf16_residual.json" ;;
+    best_residual) step best_fp8_rowwise_bf16_residual 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+      --set optim.fused_ema=true --sync-free --fp8 rowwise --residual bf16 --no-baseline --json "$OUT/xxl_best_bf16_residual.json" ;;
     fp8) step fp8_rowwise_blocks 120 $PY "${XXL[@]}" --compile blocks --fp8 rowwise --no-baseline \
       --profile-steps 3 --json "$OUT/xxl_fp8_blocks.json" ;;
-    fp8_curve) step fp8_vs_bf16_loss_curve 240 $PY launchers/compare_precision.py --set optim.lr=2e-4 \
-      --recipes none rowwise --steps 300 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
+    fp8_curve) step precision_loss_curves 330 $PY launchers/compare_precision.py --set optim.lr=2e-4 \
+      --recipes none rowwise bf16_residual --steps 300 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
     blocks_fused_ema) step blocks_fused_adamw_ema 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused_ema.json" ;;
     sync_free) step blocks_graphs_fused_ema_sync_free 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
@@ -113,9 +117,10 @@ run_named() {
 }
 STEPS=("$@")
 # What the session most needs first: the reference and its plain tuning on this card, our fastest bf16 and FP8
-# steps, the GPU tests of the kernels they use, FP8's loss curve; then the rows that attribute the gains.
-(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned sync_free best best_tensorwise kernel_tests fp8_curve trainer
-  tuning blocks_graphs optimizer blocks_fused_ema fp8 ac_ops encode dali ceiling blocks ac_blocks blocks_fused eager_fused model model_graphs)
+# steps with and without a bf16 residual stream, the GPU tests of the kernels they use, the loss curves of
+# FP8 and the bf16 residual against bf16; then the rows that attribute the gains.
+(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned sync_free best residual best_residual kernel_tests fp8_curve
+  best_tensorwise trainer tuning blocks_graphs optimizer blocks_fused_ema fp8 ac_ops encode dali ceiling blocks ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 
 # Summary: one line per measured run.
@@ -124,7 +129,7 @@ import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("xxl_*.json")):
     r = json.loads(path.read_text())
     for run in [r] + ([r["baseline"]] if "baseline" in r else []):
-        print(f"{path.stem:22s} {run['label']:12s} {run.get('compile_mode', '-'):16s} fp8 {run.get('fp8', 'none'):10s} {run['images_per_s']:7.1f} img/s {run['step_s_median']*1e3:7.1f} ms "
+        print(f"{path.stem:22s} {run['label']:12s} {run.get('compile_mode', '-'):16s} fp8 {run.get('fp8', 'none'):10s} residual {run.get('residual', 'fp32')} {run['images_per_s']:7.1f} img/s {run['step_s_median']*1e3:7.1f} ms "
               f"{run['tflops_per_s']:6.1f} TFLOP/s MFU {run['mfu']['vs_measured_ceiling']:.1%} peak {run['peak_mem_gib'] or 0:.1f} GiB")
     if r.get("host_syncs"):
         print(f"  host syncs/step: {r['host_syncs']['count']} at {', '.join(r['host_syncs']['sites'][:4])}")

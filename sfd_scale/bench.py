@@ -40,9 +40,11 @@ from sfd_scale.models.fast_paths import (
     COMPILE_INDUCTOR_MODES,
     COMPILE_MODES,
     FP8_RECIPES,
+    RESIDUAL_PRECISIONS,
     apply_compile,
     apply_fp8,
     apply_fused_kernels,
+    apply_residual_precision,
     fp8_unavailable,
     fused_kernels_unavailable,
     mark_step_begin,
@@ -90,6 +92,8 @@ class BenchOptions:
     """Inductor mode (COMPILE_INDUCTOR_MODES); 'reduce-overhead' replays CUDA graphs."""
     compile_tuning: bool = False
     """Inductor tunes its generated kernels' block sizes (`model.compile_tuning`)."""
+    residual: str = "fp32"
+    """Residual stream dtype under autocast (`model.residual_precision`)."""
     fused_kernels: bool = False
     """Triton SwiGLU and RoPE kernels (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     fp8: str = "none"
@@ -117,6 +121,9 @@ class BenchOptions:
         if self.compile_mode not in COMPILE_INDUCTOR_MODES:
             raise ValueError(f"compile mode {self.compile_mode!r} is unknown "
                              f"(known: {', '.join(COMPILE_INDUCTOR_MODES)})")
+        if self.residual not in RESIDUAL_PRECISIONS:
+            raise ValueError(f"residual precision {self.residual!r} is unknown "
+                             f"(known: {', '.join(RESIDUAL_PRECISIONS)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +138,7 @@ class Variant:
     fp8: str = "none"
     sync_free: bool = False
     compile_tuning: bool = False
+    residual: str = "fp32"
 
 
 def bench_config(path: str | Path | None, overrides: list[str]) -> SFDConfig:
@@ -249,6 +257,7 @@ def build_training_step(cfg: SFDConfig, variant: Variant, batches: list[tuple[to
     full training step on the next of `batches` (cycling), exactly as `Trainer.train_step` does."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(dataclasses.replace(cfg.model, attention=variant.attention)).train()
+    apply_residual_precision(model, variant.residual)
     apply_activation_checkpointing(model, cfg.parallel)
     # The EMA copy is made from the plain model; FP8, kernels and compile go on the trained module only.
     engine = LocalEngine(model, cfg.optim, cfg.train.ema_decay, device)
@@ -309,7 +318,7 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
         log.warning("%s: %d step(s) were skipped as non-finite; their time still counts", variant.label, skipped)
     return {"label": variant.label, "attention": backend, "compile": variant.compile,
             "compile_mode": variant.compile_mode, "compile_tuning": variant.compile_tuning, "fp8": variant.fp8,
-            "sync_free": variant.sync_free,
+            "residual": variant.residual, "sync_free": variant.sync_free,
             "fused_kernels": variant.fused_kernels, "images_per_s": options.batch_size / median,
             "step_s_median": median, "step_s_all": times, "peak_mem_gib": peak, "host_syncs": syncs,
             **({"profile": profile} if profile is not None else {})}
@@ -346,7 +355,7 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
     ceiling = matmul_ceiling_tflops(device, dtype)
     peak = datasheet_peak_tflops(name, dtype)
     fast = Variant("configured", options.attention, options.compile, options.fused_kernels, options.compile_mode,
-                   options.fp8, options.sync_free, options.compile_tuning)
+                   options.fp8, options.sync_free, options.compile_tuning, options.residual)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
@@ -389,7 +398,8 @@ def format_table(report: dict) -> str:
     for r in [report] + ([report["baseline"]] if "baseline" in report else []):
         compile_label = r["compile"] + ("" if r.get("compile_mode", "default") == "default" else f" ({r['compile_mode']})") \
             + (", tuned" if r.get("compile_tuning") else "")
-        cells = [r["label"], r["attention"], compile_label, "yes" if r["fused_kernels"] else "no", r.get("fp8", "none"),
+        precision = r.get("fp8", "none") + ("" if r.get("residual", "fp32") == "fp32" else f", {r['residual']} residual")
+        cells = [r["label"], r["attention"], compile_label, "yes" if r["fused_kernels"] else "no", precision,
                  f"{r['step_s_median']:.4g}", f"{r['images_per_s']:.4g}", f"{r['tflops_per_s']:.3g}",
                  _cell(r["mfu"]["vs_measured_ceiling"], ".1%"), _cell(r["mfu"]["vs_datasheet_peak"], ".1%"),
                  _cell(r["peak_mem_gib"], ".1f")]

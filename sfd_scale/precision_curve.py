@@ -1,4 +1,5 @@
-"""Loss curves of the same training run in different matmul precisions (bf16 against FP8 recipes).
+"""Loss curves of the same training run in different precisions (bf16 against FP8 recipes and a bf16
+residual stream).
 
 FP8 is trusted only after its loss curve follows bf16's from the same seed, on the same batches,
 through the same noise and time draws. `loss_curves` trains one fresh model per recipe for
@@ -17,6 +18,7 @@ import logging
 import torch
 
 from sfd_scale.bench import SYNTHETIC_DATA, Variant, build_training_step, synthetic_batch
+from sfd_scale.models.fast_paths import FP8_RECIPES
 from sfd_scale.config import SFDConfig
 from sfd_scale.data.loader import LatentShardDataset, ShardLoader
 
@@ -54,15 +56,33 @@ def compare(reference: list[float], other: list[float], window: int) -> dict:
             "final_loss_ratio": (sum(other[-tail:]) / tail) / (sum(reference[-tail:]) / tail)}
 
 
+BF16_RESIDUAL = "bf16_residual"
+"""The recipe part that carries the residual stream in bf16 (`model.residual_precision: bf16`)."""
+
+
+def recipe_variant(base: Variant, recipe: str) -> Variant:
+    """`base` with `recipe`'s precision: an FP8 recipe ('none' = bf16 matmuls), 'bf16_residual', or
+    an FP8 recipe and 'bf16_residual' joined by '+' (e.g. 'rowwise+bf16_residual')."""
+    parts = recipe.split("+")
+    fp8 = [p for p in parts if p in FP8_RECIPES]
+    unknown = [p for p in parts if p not in FP8_RECIPES and p != BF16_RESIDUAL]
+    if unknown or len(fp8) > 1 or len(set(parts)) != len(parts):
+        raise ValueError(f"precision recipe {recipe!r}: expected an FP8 recipe ({', '.join(FP8_RECIPES)}), "
+                         f"{BF16_RESIDUAL!r}, or one of each joined by '+'")
+    return dataclasses.replace(base, label=recipe, fp8=fp8[0] if fp8 else "none",
+                               residual="bf16" if BF16_RESIDUAL in parts else "fp32")
+
+
 def loss_curves(cfg: SFDConfig, base: Variant, recipes: list[str], steps: int, batch_size: int, pool: int,
                 device: torch.device, window: int = 10) -> dict:
-    """Train one fresh model per FP8 recipe ('none' = bf16) from the same seed; curves and gaps."""
+    """Train one fresh model per precision recipe (`recipe_variant`) from the same seed; curves and gaps."""
     if not recipes or steps < 1 or pool < 1 or window < 1:
         raise ValueError(f"need recipes, steps >= 1, pool >= 1 and window >= 1; got {recipes}, {steps}, {pool}, {window}")
+    variants = [recipe_variant(base, recipe) for recipe in recipes]
     batches, source = training_batches(cfg, batch_size, pool, device)
     curves: dict[str, list[float]] = {}
-    for recipe in recipes:
-        engine, step = build_training_step(cfg, dataclasses.replace(base, label=recipe, fp8=recipe), batches, device)
+    for recipe, variant in zip(recipes, variants):
+        engine, step = build_training_step(cfg, variant, batches, device)
         losses = [step()[0]["loss"] for _ in range(steps)]
         curves[recipe] = torch.stack(losses).float().tolist()  # one sync per curve
         log.info("%s: loss %.4f -> %.4f over %d steps", recipe, curves[recipe][0], curves[recipe][-1], steps)

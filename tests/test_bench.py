@@ -134,12 +134,16 @@ def test_kernel_categories(name, expected):
 def test_launcher_profiles_and_takes_an_inductor_mode(tmp_path):
     out = tmp_path / "bench.json"
     args = [*TINY_MODEL_ARGS, "--device", "cpu", "--batch-size", "2", "--warmup", "1", "--steps", "2", "--no-baseline",
-            "--compile", "blocks", "--compile-mode", "reduce-overhead", "--profile-steps", "2", "--json", str(out)]
+            "--compile", "blocks", "--compile-mode", "reduce-overhead", "--compile-tuning", "--residual", "bf16",
+            "--profile-steps", "2", "--json", str(out)]
     done = subprocess.run([sys.executable, "launchers/bench.py", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["compile"] == "blocks" and report["compile_mode"] == "reduce-overhead"
+    assert report["compile_tuning"] and report["residual"] == "bf16"
+    assert "| blocks (reduce-overhead), tuned |" in done.stdout
+    assert "| none, bf16 residual |" in done.stdout
     assert report["profile"]["steps"] == 2 and report["profile"]["top"]
     assert "| category | ms/step | share |" in done.stdout
 

@@ -1,6 +1,7 @@
 """Fast-path dispatch: attention backends, the Triton kernels in the model, compile, and the AdamW
 kernel. Every fast path must give the numbers of its plain-PyTorch twin and keep state-dict keys."""
 import copy
+import dataclasses
 import logging
 import sys
 import types
@@ -194,6 +195,28 @@ def test_model_compile_tuning_reaches_the_compiled_blocks(monkeypatch):
     cfg = SFDConfig(model=tiny(compile="blocks", compile_tuning=True))
     build_training_model(cfg)
     assert calls and all(kwargs["options"] == {"coordinate_descent_tuning": True} for kwargs in calls)
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_residual_precision_sets_the_stream_dtype_under_autocast_only(precision, dtype):
+    cfg = tiny()
+    model = build_training_model(SFDConfig(model=dataclasses.replace(cfg, residual_precision=precision)))
+    assert model.residual_dtype == dtype
+    streams = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: streams.append((args[0].dtype, out.dtype)))
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    t, y = torch.rand(2), torch.tensor([1, 3])
+    with torch.autocast("cpu", torch.bfloat16):
+        model(x, t, t, y)
+    assert streams == [(dtype, dtype)] * cfg.depth           # every block takes and returns it
+    streams.clear()
+    model(x, t, t, y)
+    assert streams == [(torch.float32, torch.float32)] * cfg.depth
+    plain = build_model(dataclasses.replace(cfg, residual_precision=precision))
+    assert plain.residual_dtype == torch.float32            # sampling and evaluation: the reference's stream
+    with pytest.raises(ValueError, match="model.residual_precision='fp16' is unknown"):
+        fast_paths.apply_residual_precision(model, "fp16")
 
 
 @pytest.mark.skipif(not triton_installed(), reason="Triton is not installed")

@@ -11,7 +11,8 @@ from sfd_scale.config import ModelConfig, ParallelConfig
 from sfd_scale.models import fast_paths
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.parallel.checkpointing import apply_activation_checkpointing
-from sfd_scale.precision_curve import compare, smooth
+from sfd_scale.bench import Variant
+from sfd_scale.precision_curve import compare, recipe_variant, smooth
 from fixtures import TINY_MODEL_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_smoothing_and_curve_gaps_by_hand():
 def test_compare_precision_trains_both_recipes_from_the_same_start(tmp_path):
     out = tmp_path / "curves.json"
     args = [*TINY_MODEL_ARGS, "--set", "train.device=cpu", "--set", "train.precision=bf16", "--set", "optim.lr=3e-3",
-            "--recipes", "none", "rowwise", "--steps", "30", "--batch-size", "8", "--pool", "4", "--json", str(out)]
+            "--recipes", "none", "rowwise", "bf16_residual", "--steps", "30", "--batch-size", "8", "--pool", "4", "--json", str(out)]
     done = subprocess.run([sys.executable, "launchers/compare_precision.py", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -94,6 +95,20 @@ def test_compare_precision_trains_both_recipes_from_the_same_start(tmp_path):
     assert min(bf16[-5:]) < bf16[0]                # and training moved
     gap = report["against_reference"]["rowwise"]
     assert 0 < gap["mean_relative_gap"] < 0.01 and gap == compare(bf16, fp8, report["window"])
+    residual = report["curves"]["bf16_residual"]
+    assert residual != bf16 and residual[0] == pytest.approx(bf16[0], rel=1e-2)  # the bf16 stream ran
+    assert 0 < report["against_reference"]["bf16_residual"]["mean_relative_gap"] < 0.01
+
+
+def test_precision_recipes_combine_an_fp8_recipe_and_the_bf16_residual():
+    base = Variant("reference", "math", "none", False)
+    assert (recipe_variant(base, "rowwise+bf16_residual").fp8, recipe_variant(base, "rowwise+bf16_residual").residual) \
+        == ("rowwise", "bf16")
+    assert (recipe_variant(base, "bf16_residual").fp8, recipe_variant(base, "bf16_residual").residual) == ("none", "bf16")
+    assert (recipe_variant(base, "tensorwise").fp8, recipe_variant(base, "tensorwise").residual) == ("tensorwise", "fp32")
+    for bad in ("rowwise+tensorwise", "fp16", "bf16_residual+bf16_residual", ""):
+        with pytest.raises(ValueError, match="precision recipe"):
+            recipe_variant(base, bad)
 
 
 @pytest.mark.distributed

@@ -208,6 +208,23 @@ def apply_fused_kernels(model: nn.Module, device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Residual stream precision
+# ----------------------------------------------------------------------------------------------
+RESIDUAL_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""`model.residual_precision`: the residual stream's dtype under autocast."""
+
+
+def apply_residual_precision(model: nn.Module, precision: str) -> None:
+    """Carry `model`'s residual stream in `precision` under autocast (training only: sampling and
+    evaluation keep the reference's fp32 stream)."""
+    if precision not in RESIDUAL_PRECISIONS:
+        raise ValueError(f"model.residual_precision={precision!r} is unknown (known: {', '.join(RESIDUAL_PRECISIONS)})")
+    model.residual_dtype = RESIDUAL_PRECISIONS[precision]
+    if precision != "fp32":
+        log.info("residual stream in %s under autocast (not the reference's numbers: compare loss curves)", precision)
+
+
+# ----------------------------------------------------------------------------------------------
 # FP8
 # ----------------------------------------------------------------------------------------------
 FP8_RECIPES = ("none", "tensorwise", "rowwise", "rowwise_with_gw_hp")

@@ -122,6 +122,8 @@ class LightningDiT(nn.Module):
         self.num_classes = cfg.num_classes
         self.repa_depth = cfg.repa_depth
         self.attention_backend, _ = resolve_attention(cfg.attention)
+        # Dtype of the residual stream under autocast; training may lower it (fast_paths.apply_residual_precision).
+        self.residual_dtype = torch.float32
 
         self.x_embedder = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
         self.t_embedder_sem = TimestepEmbedder(d // 2)
@@ -193,11 +195,11 @@ class LightningDiT(nn.Module):
             raise ValueError("REPA output requested but model.repa_depth is 0")
         h = self.x_embedder(x) + self.pos_embed                      # (B, N, D)
         if torch.amp.is_autocast_available(h.device.type) and torch.is_autocast_enabled(h.device.type):
-            # The residual stream stays fp32 under autocast whatever the weights' dtype, as with
-            # the reference's fp32 weights; engines that compute with bf16 weights (FSDP2's
-            # param_dtype, DeepSpeed's bf16 mode) would otherwise carry it in bf16, which more
-            # than doubles the output's rounding error.
-            h = h.float()
+            # Under autocast the residual stream has `residual_dtype` whatever the weights' dtype:
+            # fp32 by default, as with the reference's fp32 weights; engines that compute with bf16
+            # weights (FSDP2's param_dtype, DeepSpeed's bf16 mode) would otherwise carry it in bf16,
+            # which more than doubles the output's rounding error.
+            h = h.to(self.residual_dtype)
         c = self.condition(t_tex, t_sem, y, drop_labels=self.training, generator=generator)
         repa = None
         for index, block in enumerate(self.blocks, start=1):

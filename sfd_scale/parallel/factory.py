@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from sfd_scale.config import SFDConfig, from_dict
 from sfd_scale.models.layers import DENSE, LinearSpec
-from sfd_scale.models.fast_paths import apply_compile, apply_fp8, apply_fused_kernels
+from sfd_scale.models.fast_paths import apply_compile, apply_fp8, apply_fused_kernels, apply_residual_precision
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.parallel.checkpointing import apply_activation_checkpointing
 from sfd_scale.parallel.ddp import DDPEngine
@@ -42,6 +42,7 @@ def build_training_model(cfg: SFDConfig, linears: LinearSpec = DENSE,
     compile applied, in that order (torchtitan's order: FP8 linears and kernels, then recompute,
     then compile)."""
     model = build_model(cfg.model, linears).train()
+    apply_residual_precision(model, cfg.model.residual_precision)
     apply_fp8(model, cfg.model.fp8, device or torch.device("cpu"))
     if cfg.model.fused_kernels:
         apply_fused_kernels(model, device or torch.device("cpu"))
