@@ -12,10 +12,16 @@ count, `exp_avg.lerp_(grad, 1 - beta1)`), followed by `ema.lerp_(param, 1 - deca
 counts live on the device as float32 tensors, as torch's fused and capturable AdamW keep them;
 a skipped step (non-finite loss or gradient) changes nothing, not even the counts.
 
+With compute copies (`optim.bf16_weights`), a parameter's fp32 master lives here and the module
+computes with a bf16 copy: the kernel reads that copy's bf16 gradient and writes the copy back,
+rounded from the new master, in the same pass (bf16 weights without a per-step cast in the forward
+and fp32 weight gradients in the backward).
+
 Plain-PyTorch twin: torch.optim.AdamW followed by torch._foreach_lerp_ (tests compare them).
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -29,20 +35,33 @@ _BLOCK = 1024
 """Elements per program."""
 
 
-_FIELDS = 7
-"""Columns of the per-tensor table: addresses of param, grad, exp_avg, exp_avg_sq, ema, step; numel."""
+_FIELDS = 8
+"""Columns of the per-tensor table: addresses of param, grad, exp_avg, exp_avg_sq, ema, step; numel;
+address of the bf16 compute copy (0: none)."""
+
+
+@triton.jit
+def _bf16_bits(x):
+    # The bits of x rounded to bfloat16, to nearest even, as torch casts (and autocast would cast the
+    # master): written out because Triton's interpreter truncates a float32 -> bfloat16 conversion.
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+    return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
 
 
 @triton.jit
 def _adamw_ema_kernel(table_ptr, block_tensor_ptr, block_start_ptr, scale_ptr, skip_ptr,
                       lr, beta1, beta2, eps, weight_decay, ema_weight, log_beta1, log_beta2,
-                      FIELDS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                      FIELDS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, COPY: tl.constexpr):
     # One launch for many tensors: program i updates elements [start, start + BLOCK) of tensor
-    # block_tensor[i], whose addresses and size are row block_tensor[i] of the table.
+    # block_tensor[i], whose addresses and size are row block_tensor[i] of the table. With COPY,
+    # every tensor of the launch has a bf16 compute copy: the gradient is that copy's (bf16), and
+    # the copy gets the new value.
     pid = tl.program_id(0)
     row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * FIELDS
     p_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.bfloat16 if COPY else tl.float32))
+    copy_ptr = tl.load(row + 7).to(tl.pointer_type(tl.uint16))  # bf16 bits, see _bf16_bits
     m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
     v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     ema_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
@@ -58,13 +77,15 @@ def _adamw_ema_kernel(table_ptr, block_tensor_ptr, block_start_ptr, scale_ptr, s
         v_ptr = tl.multiple_of(v_ptr, 16)
         ema_ptr = tl.multiple_of(ema_ptr, 16)
         n = tl.multiple_of(n, 4)
+        if COPY:
+            copy_ptr = tl.multiple_of(copy_ptr, 16)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
     keep = tl.load(skip_ptr) == 0
     # At least 1: a step skipped before any update leaves the count at 0.
     step = tl.maximum(tl.load(step_ptr), 1.0)
     scale = tl.load(scale_ptr)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0) * scale
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale
     p0 = tl.load(p_ptr + offs, mask=mask, other=0.0)
     m0 = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v0 = tl.load(v_ptr + offs, mask=mask, other=0.0)
@@ -81,6 +102,8 @@ def _adamw_ema_kernel(table_ptr, block_tensor_ptr, block_start_ptr, scale_ptr, s
     tl.store(m_ptr + offs, tl.where(keep, m, m0), mask=mask)
     tl.store(v_ptr + offs, tl.where(keep, v, v0), mask=mask)
     tl.store(ema_ptr + offs, tl.where(keep, e, e0), mask=mask)
+    if COPY:
+        tl.store(copy_ptr + offs, _bf16_bits(tl.where(keep, p, p0)), mask=mask)
 
 
 def block_table(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +115,8 @@ def block_table(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Te
 
 
 def _aligned(row: list[int]) -> bool:
-    """A table row whose five tensors start on 16 bytes and hold a multiple of 4 floats."""
-    return all(address % 16 == 0 for address in row[:5]) and row[6] % 4 == 0
+    """A table row whose tensors start on 16 bytes and hold a multiple of 4 elements."""
+    return all(address % 16 == 0 for address in (*row[:5], row[7])) and row[6] % 4 == 0
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -115,13 +138,17 @@ class AdamWEMA(torch.optim.AdamW):
     move between the two.
 
     `ema_params[i]` is the EMA tensor of the i-th parameter (same shape, fp32, same device).
+    `compute_copies[i]`, when given and not None, is the bf16 tensor the module computes with in
+    place of the i-th parameter (its fp32 master): its gradient is the one used, and the step
+    writes it back as the rounded new master.
     Parameters may be sharded DTensors (FSDP2): the kernel then updates each rank's local shards,
     `ema_params` are the EMA's local shards, and the moments are DTensors placed like the
     parameters, so distributed checkpoints reshard them as they do torch's AdamW state.
     """
 
     def __init__(self, params, ema_params: list[torch.Tensor], ema_decay: float, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 compute_copies: list[torch.Tensor | None] | None = None) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
         flat = [_local(p) for group in self.param_groups for p in group["params"]]
         if len(ema_params) != len(flat) or any(e.shape != p.shape for e, p in zip(ema_params, flat)):
@@ -131,9 +158,25 @@ class AdamWEMA(torch.optim.AdamW):
             raise ValueError("AdamWEMA: parameters and EMA tensors must be contiguous float32")
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"AdamWEMA: ema_decay must lie in [0, 1], got {ema_decay}")
+        copies = [None] * len(flat) if compute_copies is None else compute_copies
+        if len(copies) != len(flat) or any(
+                c is not None and (isinstance(p, DTensor) or c.shape != p.shape or c.dtype != torch.bfloat16
+                                   or not c.is_contiguous()) for c, p in zip(copies, flat)):
+            raise ValueError("AdamWEMA: compute copies must be contiguous bfloat16 tensors shaped like their "
+                             "(unsharded) parameters, one entry per parameter")
         self.ema_params = ema_params
+        self._copy_of = {id(p): c for p, c in zip(flat, copies) if c is not None}
         self.ema_decay = ema_decay
         self._block_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def grad_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The gradient the step uses for `param`: its compute copy's when it has one."""
+        copy = self._copy_of.get(id(param))
+        return param.grad if copy is None else copy.grad
+
+    def _copy_address(self, param: torch.Tensor) -> int:
+        copy = self._copy_of.get(id(param))
+        return 0 if copy is None else copy.data_ptr()
 
     def _blocks(self, numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's block table for a group's tensor sizes, built once (it depends on nothing else)."""
@@ -153,7 +196,7 @@ class AdamWEMA(torch.optim.AdamW):
         ema_of = dict(zip(map(id, flat), self.ema_params))
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if self.grad_of(p) is not None]
             if not params:
                 continue
             device = _local(params[0]).device
@@ -169,17 +212,19 @@ class AdamWEMA(torch.optim.AdamW):
                 steps.append(state["step"].to(device) if state["step"].device != device else state["step"])
                 state["step"] = steps[-1]
             torch._foreach_add_(steps, 1.0 - skipped)  # counts advance unless skipped (on the device)
-            grads = [_local(p.grad).contiguous() for p in params]  # alive until the kernels are queued
+            grads = [_local(self.grad_of(p)).contiguous() for p in params]  # alive until the kernels are queued
             rows = [[_local(p).data_ptr(), g.data_ptr(), _local(self.state[p]["exp_avg"]).data_ptr(),
                      _local(self.state[p]["exp_avg_sq"]).data_ptr(), ema_of[id(p)].data_ptr(),
-                     step.data_ptr(), g.numel()] for p, g, step in zip(params, grads, steps)]
+                     step.data_ptr(), g.numel(), self._copy_address(p)] for p, g, step in zip(params, grads, steps)]
             hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], 1.0 - self.ema_decay,
                      _log(beta1), _log(beta2))
-            for aligned in (True, False):  # fresh allocations are aligned; views (shards, buckets) may not be
-                subset = [r for r in rows if _aligned(r) == aligned]
+            # Fresh allocations are aligned, views (shards, buckets) may not be; tensors with a
+            # compute copy read bf16 gradients: one launch per kind present.
+            for aligned, copy in itertools.product((True, False), (False, True)):
+                subset = [r for r in rows if _aligned(r) == aligned and (r[7] != 0) == copy]
                 block_tensor, block_start = self._blocks(tuple(r[6] for r in subset), device)
                 if block_tensor.numel():  # none when every tensor is elsewhere or an empty shard
                     _adamw_ema_kernel[(block_tensor.numel(),)](
                         to_device_async(torch.tensor(subset, dtype=torch.int64), device), block_tensor, block_start,
-                        scale, skipped, *hyper, FIELDS=_FIELDS, BLOCK=_BLOCK, ALIGNED=aligned)
+                        scale, skipped, *hyper, FIELDS=_FIELDS, BLOCK=_BLOCK, ALIGNED=aligned, COPY=copy)
         return None

@@ -78,8 +78,8 @@ run_named() {
       --json "$OUT/xxl_eager_fused.json" ;;
     ac_ops) step ac_ops_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing ops --no-baseline --json "$OUT/xxl_ac_ops.json" ;;
     ac_blocks) step ac_full_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing full --no-baseline --json "$OUT/xxl_ac_blocks.json" ;;
-    kernel_tests) step kernel_and_async_tests 100 $PY -m pytest -q -x -p no:cacheprovider -m "not distributed" \
-      tests/test_kernels.py tests/test_adamw_ema.py tests/test_async_metrics.py ;;
+    kernel_tests) step kernel_and_async_tests 130 $PY -m pytest -q -x -p no:cacheprovider -m "not distributed" \
+      tests/test_kernels.py tests/test_adamw_ema.py tests/test_async_metrics.py tests/test_bf16_weights.py ;;
     reference) step reference_as_shipped 70 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
     reference_tuned) step reference_plain_tuning 70 $PY .peer/peer_bench.py step --batch 32 --ema foreach --fused-adam ;;
     model) step model_compile 180 $PY "${XXL[@]}" --compile model --no-baseline --json "$OUT/xxl_model.json" ;;
@@ -89,8 +89,12 @@ run_named() {
       --set optim.fused_ema=true --sync-free --fp8 tensorwise --no-baseline --json "$OUT/xxl_best_fp8_tensorwise.json" ;;
     residual) step sync_free_bf16_residual 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --sync-free --residual bf16 --no-baseline --profile-steps 3 --json "$OUT/xxl_bf16_residual.json" ;;
-    best_residual) step best_fp8_rowwise_bf16_residual 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
-      --set optim.fused_ema=true --sync-free --fp8 rowwise --residual bf16 --no-baseline --json "$OUT/xxl_best_bf16_residual.json" ;;
+    weights) step sync_free_bf16_weights 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+      --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --no-baseline --profile-steps 3 \
+      --json "$OUT/xxl_bf16_weights.json" ;;
+    best_all) step best_fp8_bf16_weights_bf16_residual 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+      --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --fp8 rowwise --residual bf16 --no-baseline \
+      --profile-steps 3 --json "$OUT/xxl_best_all.json" ;;
     fp8) step fp8_rowwise_blocks 120 $PY "${XXL[@]}" --compile blocks --fp8 rowwise --no-baseline \
       --profile-steps 3 --json "$OUT/xxl_fp8_blocks.json" ;;
     fp8_curve) step precision_loss_curves 330 $PY launchers/compare_precision.py --set optim.lr=2e-4 \
@@ -116,10 +120,11 @@ run_named() {
   esac
 }
 STEPS=("$@")
-# What the session most needs first: the reference and its plain tuning on this card, our fastest bf16 and FP8
-# steps with and without a bf16 residual stream, the GPU tests of the kernels they use, the loss curves of
-# FP8 and the bf16 residual against bf16; then the rows that attribute the gains.
-(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned sync_free best residual best_residual kernel_tests fp8_curve
+# What the session most needs first: the reference and its plain tuning on this card, our fastest bf16 step
+# and the same with FP8, with bf16 weight copies, with a bf16 residual stream and with all three, the GPU
+# tests of the kernels they use, the loss curves of FP8 and the bf16 residual against bf16; then the rows
+# that attribute the gains.
+(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned sync_free best weights residual best_all kernel_tests fp8_curve
   best_tensorwise trainer tuning blocks_graphs optimizer blocks_fused_ema fp8 ac_ops encode dali ceiling blocks ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 

@@ -33,7 +33,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sfd_scale.atomic import atomic_write_bytes
-from sfd_scale.config import MISSING_REQUIRED, ModelConfig, SFDConfig, apply_overrides, from_dict, load_yaml
+from sfd_scale.config import (MISSING_REQUIRED, ModelConfig, ParallelConfig, SFDConfig, apply_overrides, from_dict,
+                              load_yaml)
 from sfd_scale.diffusion.loss import SFDLoss
 from sfd_scale.models.fast_paths import (
     ATTENTION_NAMES,
@@ -53,6 +54,7 @@ from sfd_scale.models.fast_paths import (
 from sfd_scale.models.layers import Attention
 from sfd_scale.models.lightningdit import build_model, count_parameters
 from sfd_scale.parallel.checkpointing import apply_activation_checkpointing
+from sfd_scale.parallel.dims import check_bf16_weights
 from sfd_scale.parallel.engine import LocalEngine
 from sfd_scale.profile_step import count_host_syncs, format_profile, profile_training_step
 from sfd_scale.train.trainer import autocast_for, resolve_device
@@ -259,6 +261,8 @@ def build_training_step(cfg: SFDConfig, variant: Variant, batches: list[tuple[to
     model = build_model(dataclasses.replace(cfg.model, attention=variant.attention)).train()
     apply_residual_precision(model, variant.residual)
     apply_activation_checkpointing(model, cfg.parallel)
+    if cfg.optim.bf16_weights:  # this single-device step is the local engine's, whatever the config says
+        check_bf16_weights(dataclasses.replace(cfg, parallel=ParallelConfig()), device.type)
     # The EMA copy is made from the plain model; FP8, kernels and compile go on the trained module only.
     engine = LocalEngine(model, cfg.optim, cfg.train.ema_decay, device)
     apply_fp8(engine.module, variant.fp8, device)
@@ -366,6 +370,7 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
         "batch_size": options.batch_size,
         "precision": str(dtype).removeprefix("torch."),
         "activation_checkpointing": cfg.parallel.activation_checkpointing,
+        "optim": {"fused_ema": cfg.optim.fused_ema, "bf16_weights": cfg.optim.bf16_weights},
         "warmup_steps": options.warmup_steps,
         "steps": options.steps,
         "step_tflop": step_flops / 1e12,

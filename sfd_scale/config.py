@@ -140,6 +140,17 @@ class OptimConfig:
     """Clip scale, AdamW and the EMA in one Triton kernel launch (kernels/adamw_ema.py;
     local, ddp and fsdp2 engines, CUDA), skipping a non-finite step on the device. Off until its GPU
     time is measured (docs/benchmarks.md)."""
+    bf16_weights: bool = False
+    """The module computes with bf16 copies of its linear layers' weights and biases, which the
+    fused optimizer writes from its fp32 masters: no per-step cast of the weights in the forward nor
+    of their gradients in the backward, with autocast's numbers. Needs optim.fused_ema, the local
+    engine, bf16 precision and one micro-batch per step (bf16 gradients would accumulate in bf16)."""
+
+
+def bf16_compute(precision: str, device_type: str) -> bool:
+    """Whether `train.precision` means bf16 compute on this kind of device: 'bf16', or 'auto' on a
+    GPU (the SPEC recipe); 'auto' on the CPU is fp32."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
 
 
 @dataclass

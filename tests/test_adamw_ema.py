@@ -56,6 +56,38 @@ def test_fused_step_equals_adamw_then_ema_with_clip_scale_and_skips():
         torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=2e-6, atol=1e-10)
 
 
+def test_compute_copies_take_bf16_gradients_and_get_the_rounded_masters():
+    """A parameter with a bf16 compute copy (optim.bf16_weights) takes the same steps as an fp32
+    parameter given the same bf16-valued gradients, and the copy ends each step as the rounded
+    master (round to nearest even, as autocast casts); a skipped step leaves the copy alone."""
+    from sfd_scale.kernels.adamw_ema import AdamWEMA
+
+    ref, masters = params(), params()
+    copies = [m.detach().bfloat16().requires_grad_() for m in masters]
+    masters = [m.detach() for m in masters]                  # masters get no gradients of their own
+    fused_ref = AdamWEMA(ref, [p.detach().clone() for p in ref], ema_decay=0.9, **HYPER)
+    ema = [m.clone() for m in masters]
+    fused = AdamWEMA(masters, ema, ema_decay=0.9, **HYPER, compute_copies=[copies[0], None, copies[2]])
+    for step, (scale, skip) in enumerate(zip([1.0, 0.5, 1.0], [0, 1, 0])):
+        set_grads(ref, step)
+        for r, m, c in zip(ref, masters, copies):
+            r.grad = r.grad.bfloat16().float()                 # what autocast's bf16 matmuls produce
+            c.grad = r.grad.bfloat16()
+        masters[1].grad = ref[1].grad.clone()                  # no copy: its own fp32 gradient
+        before = [c.clone() for c in copies]
+        kwargs = dict(grad_scale=torch.tensor(scale, device=DEVICE), skip=torch.tensor(skip, device=DEVICE))
+        fused_ref.step(**kwargs)
+        fused.step(**kwargs)
+        for r, m in zip(ref + fused_ref.ema_params, masters + ema):
+            assert torch.equal(m, r.detach())
+        assert torch.equal(copies[0], masters[0].bfloat16()) and torch.equal(copies[2], masters[2].bfloat16())
+        assert torch.equal(copies[1], before[1])               # not a copy of anything: untouched
+        if skip:
+            assert all(torch.equal(b, c) for b, c in zip(before, copies))
+    with pytest.raises(ValueError, match="compute copies must be contiguous bfloat16"):
+        AdamWEMA(params(), [m.clone() for m in masters], ema_decay=0.9, compute_copies=[copies[0].float(), None, None])
+
+
 def test_state_dict_moves_between_adamw_and_the_fused_optimizer():
     from sfd_scale.kernels.adamw_ema import AdamWEMA
 
@@ -229,9 +261,16 @@ def test_aligned_tensors_get_128_bit_loads_and_stores(monkeypatch):
     signature = {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64", "scale_ptr": "*fp32",
                  "skip_ptr": "*fp32", **{name: "fp32" for name in ("lr", "beta1", "beta2", "eps", "weight_decay",
                                                                   "ema_weight", "log_beta1", "log_beta2")},
-                 "FIELDS": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}
-    aligned, unaligned = (hopper_ptx(monkeypatch, adamw_ema, "_adamw_ema_kernel", signature,
-                                     {"FIELDS": adamw_ema._FIELDS, "BLOCK": adamw_ema._BLOCK, "ALIGNED": flag})
-                          for flag in (True, False))
+                 "FIELDS": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr", "COPY": "constexpr"}
+
+    def ptx(aligned: bool, copy: bool) -> str:
+        return hopper_ptx(monkeypatch, adamw_ema, "_adamw_ema_kernel", signature,
+                          {"FIELDS": adamw_ema._FIELDS, "BLOCK": adamw_ema._BLOCK, "ALIGNED": aligned, "COPY": copy},
+                          helpers=("_bf16_bits",))
+
+    aligned, unaligned, with_copy = ptx(True, False), ptx(False, False), ptx(True, True)
     assert aligned.count("ld.global.v4.b32") >= 5 and aligned.count("st.global.v4.b32") >= 4  # g p m v e; p m v e
     assert "ld.global.v4" not in unaligned and "st.global.v4" not in unaligned
+    # p m v e in 128 bits; the bf16 gradient in and the bf16 copy out 4 at a time (64 bits)
+    assert with_copy.count("ld.global.v4.b32") >= 4 and with_copy.count("st.global.v4.b32") >= 4
+    assert "ld.global.v2.b32" in with_copy and "st.global.v2.b32" in with_copy

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors import safe_open
 
-from sfd_scale.config import OptimConfig, SFDConfig
+from sfd_scale.config import OptimConfig, SFDConfig, bf16_compute
 from sfd_scale.parallel.checkpointing import clean_name
 from sfd_scale.parallel.dims import ParallelDims
 from sfd_scale.parallel.distributed import resolve_backend
@@ -104,9 +104,7 @@ def import_deepspeed() -> ModuleType:
 # ----------------------------------------------------------------------------------------------
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'bf16' or 'fp32' for DeepSpeed's parameter dtype (train.precision 'auto': bf16 on GPU)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    return "bf16" if bf16_compute(precision, device.type) else "fp32"
 
 
 def _check_stage(stage: int, offload_params: bool) -> None:

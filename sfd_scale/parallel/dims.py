@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sfd_scale.config import ParallelConfig, SFDConfig
+from sfd_scale.config import ParallelConfig, SFDConfig, bf16_compute
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,24 @@ def check_global_batch(key: str, batch: int, grad_accum_steps: int, dims: Parall
                          f"{grad_accum_steps} = {per_step} ({dims.describe()})")
 
 
+def check_bf16_weights(cfg: SFDConfig, device_type: str | None = None) -> None:
+    """optim.bf16_weights runs on the local engine with the fused optimizer, bf16 compute (on
+    `device_type` when known) and one micro-batch per step; raises ValueError naming what does not fit."""
+    p = cfg.parallel
+    if not cfg.optim.fused_ema:
+        raise ValueError("optim.bf16_weights needs optim.fused_ema=true: the fused kernel writes the bf16 copies")
+    if p.engine != "local" or p.tensor_parallel > 1:
+        raise ValueError(f"optim.bf16_weights runs with parallel.engine=local and no tensor parallelism (got engine "
+                         f"{p.engine}, tensor_parallel {p.tensor_parallel}): DDP would average bf16 gradients in bf16, "
+                         "and FSDP2 and DeepSpeed compute with bf16 weights already")
+    if p.grad_accum_steps > 1:
+        raise ValueError(f"optim.bf16_weights needs parallel.grad_accum_steps=1 (got {p.grad_accum_steps}): the bf16 "
+                         "gradients of several micro-batches would add up in bf16")
+    if cfg.train.precision == "fp32" or (device_type is not None and not bf16_compute(cfg.train.precision, device_type)):
+        raise ValueError(f"optim.bf16_weights needs bf16 compute (train.precision bf16, or auto on a GPU); got "
+                         f"train.precision={cfg.train.precision}" + (f" on {device_type}" if device_type else ""))
+
+
 def has_fused_optimizer(parallel: ParallelConfig) -> bool:
     """Whether the engine these settings pick can run the fused AdamW + EMA kernel (optim.fused_ema)."""
     return parallel.engine in ("local", "ddp", "fsdp2") and parallel.tensor_parallel == 1
@@ -262,6 +280,8 @@ def check_config_fits(cfg: SFDConfig, dims: ParallelDims) -> None:
         raise ValueError(f"optim.fused_ema runs with parallel.engine local, ddp or fsdp2 and no tensor "
                          f"parallelism (got engine {p.engine}, tensor_parallel {p.tensor_parallel}); "
                          "set optim.fused_ema=false")
+    if cfg.optim.bf16_weights:
+        check_bf16_weights(cfg)
     if cfg.train.async_metrics and not cfg.optim.fused_ema:
         raise ValueError("train.async_metrics needs optim.fused_ema=true (a non-finite step must be skipped on "
                          "the device, without asking the host); set both, with parallel.engine local, ddp or fsdp2")

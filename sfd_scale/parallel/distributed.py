@@ -213,8 +213,8 @@ def grad_norm_and_bad_loss(grads: list[torch.Tensor], loss: torch.Tensor, sharde
     """
     device = grads[0].device if grads else loss.device
     if grads:
-        norms = torch._foreach_norm(grads)
-        sq = torch.stack([n.float() for n in norms]).pow(2).sum()
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # bf16 gradients summed in fp32
+        sq = torch.stack(norms).pow(2).sum()
     else:
         sq = torch.zeros((), device=device)
     bad_loss = (~torch.isfinite(loss.detach().float())).float().to(device)

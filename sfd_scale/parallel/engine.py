@@ -107,8 +107,22 @@ class Engine(abc.ABC):
         """Full (model, EMA) state dicts with reference keys, on the CPU, for export."""
 
 
+def attach_bf16_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Make the weights and biases of `module`'s linear layers bf16 in place (what autocast would
+    cast them to every step) and return their fp32 masters by parameter name, for the optimizer."""
+    masters = {}
+    for prefix, layer in module.named_modules():
+        if isinstance(layer, nn.Linear):
+            for name, param in layer.named_parameters(recurse=False):
+                masters[f"{prefix}.{name}" if prefix else name] = param.detach().clone().requires_grad_(param.requires_grad)
+                param.data = param.data.to(torch.bfloat16)
+    return masters
+
+
 class LocalEngine(Engine):
-    """One process, one device: plain module, AdamW, foreach EMA."""
+    """One process, one device: plain module, AdamW, foreach EMA; with optim.bf16_weights the
+    module computes with bf16 linear weights and the fused optimizer keeps their fp32 masters,
+    which are what checkpoints and exports hold."""
 
     layout = "replicated"  # type: ignore[assignment]
 
@@ -117,11 +131,17 @@ class LocalEngine(Engine):
         self.module = model.to(device)
         self.model = self.module
         self.optim_cfg = optim_cfg
-        self.ema = EMA(self.module, ema_decay)
+        self.ema = EMA(self.module, ema_decay)  # from the fp32 weights, before any bf16 copy
+        self.masters = attach_bf16_weights(self.module) if optim_cfg.bf16_weights else {}
         if optim_cfg.fused_ema:
-            self.optimizer = build_fused_ema_optimizer(list(self.module.parameters()),
+            named = list(self.module.named_parameters())
+            self.optimizer = build_fused_ema_optimizer([self.masters.get(n, p) for n, p in named],
                                                        [e.data for e in self.ema.model.parameters()],
-                                                       ema_decay, optim_cfg, device)
+                                                       ema_decay, optim_cfg, device,
+                                                       compute_copies=[p if n in self.masters else None
+                                                                       for n, p in named] if self.masters else None)
+        elif self.masters:
+            raise ValueError("optim.bf16_weights needs optim.fused_ema=true: the fused kernel writes the bf16 copies")
         else:
             self.optimizer = build_optimizer(self.module, optim_cfg, device)
 
@@ -132,7 +152,7 @@ class LocalEngine(Engine):
         return self.ema.model
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.module.zero_grad(set_to_none=True)  # the module's: bf16 copies hold their masters' gradients
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -160,18 +180,26 @@ class LocalEngine(Engine):
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         return fused_step_on_device(self.optimizer, grads, loss, lr, self.optim_cfg.max_grad_norm, sharded=False)
 
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The module's state dict with the fp32 masters in place of bf16 compute copies."""
+        return {k: self.masters.get(k, v) for k, v in self.module.state_dict().items()}
+
     def save(self, folder: Path) -> None:
-        write_state(folder, "model", self.module.state_dict())
+        write_state(folder, "model", self.model_state())
         write_state(folder, "ema", self.ema.state_dict())
         write_state(folder, "optimizer", self.optimizer.state_dict())
 
     def load(self, folder: Path) -> None:
-        self.module.load_state_dict(read_state(folder, "model"), strict=True)
+        state = read_state(folder, "model")
+        self.module.load_state_dict(state, strict=True)  # bf16 copies: rounded to nearest, as autocast casts
+        with torch.no_grad():
+            for name, master in self.masters.items():
+                master.copy_(state[name])
         self.ema.load_state_dict(read_state(folder, "ema"))
         self.optimizer.load_state_dict(read_state(folder, "optimizer"))
 
     def consolidated_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return _to_cpu(self.module.state_dict()), _to_cpu(self.ema.state_dict())
+        return _to_cpu(self.model_state()), _to_cpu(self.ema.state_dict())
 
 
 def fused_step_on_device(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], loss: torch.Tensor,

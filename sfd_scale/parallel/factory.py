@@ -22,7 +22,7 @@ from sfd_scale.models.fast_paths import apply_compile, apply_fp8, apply_fused_ke
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.parallel.checkpointing import apply_activation_checkpointing
 from sfd_scale.parallel.ddp import DDPEngine
-from sfd_scale.parallel.dims import ParallelDims, check_config_fits
+from sfd_scale.parallel.dims import ParallelDims, check_bf16_weights, check_config_fits
 from sfd_scale.parallel.distributed import init_process_group
 from sfd_scale.parallel.engine import Engine, LocalEngine, PlainModel
 from sfd_scale.train.checkpoint import (
@@ -80,6 +80,8 @@ def build_engine(cfg: SFDConfig, dims: ParallelDims, device: torch.device,
         validate_tensor_parallel(p, cfg.model, dims.world_size)  # before the model is built
         return TensorParallelEngine(build_model(cfg.model).train(), p, optim, decay, device)  # applies AC itself
     if p.engine == "local":
+        if optim.bf16_weights:
+            check_bf16_weights(cfg, device.type)
         return LocalEngine(build(), optim, decay, device)
     if p.engine == "ddp":
         return DDPEngine(build(), optim, decay, device)

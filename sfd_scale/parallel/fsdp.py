@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from sfd_scale.config import OptimConfig
+from sfd_scale.config import OptimConfig, bf16_compute
 from sfd_scale.parallel.checkpointing import clean_name
 from sfd_scale.parallel.dims import ParallelDims
 from sfd_scale.parallel.distributed import clip_grads_and_check
@@ -48,7 +48,7 @@ def mixed_precision(precision: str, device: torch.device) -> MixedPrecisionPolic
     """bf16 weights for compute with fp32 gradient reduction on GPU (SPEC recipe); fp32 on CPU
     unless asked. Inputs are not cast: the trainer's autocast casts what the matmuls take, and the
     latents, times and residual stream stay fp32 as with the other engines."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if bf16_compute(precision, device.type):
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                     cast_forward_inputs=False)
     return MixedPrecisionPolicy()

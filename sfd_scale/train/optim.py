@@ -88,21 +88,27 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     return torch.optim.AdamW(params, **hyper, **{kernel: True})
 
 
-def build_fused_ema_optimizer(params: list[nn.Parameter], ema_tensors: list[torch.Tensor], ema_decay: float,
-                              cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_fused_ema_optimizer(params: list[torch.Tensor], ema_tensors: list[torch.Tensor], ema_decay: float,
+                              cfg: OptimConfig, device: torch.device,
+                              compute_copies: list[torch.Tensor | None] | None = None) -> torch.optim.Optimizer:
     """`kernels/adamw_ema.AdamWEMA` over the trainable `params`, updating their EMA copies
     `ema_tensors` (local shards for sharded parameters) in the same kernel; then no separate EMA
-    update may run. CUDA, or the CPU under Triton's interpreter."""
+    update may run. `compute_copies[i]`, when not None, is the bf16 tensor the module computes with
+    in place of `params[i]` (optim.bf16_weights). CUDA, or the CPU under Triton's interpreter."""
     reason = fused_kernels_unavailable(device)
     if reason is not None:
         raise ValueError(f"optim.fused_ema cannot run: {reason}")
     from sfd_scale.kernels.adamw_ema import AdamWEMA
 
-    pairs = [(p, e) for p, e in zip(params, ema_tensors) if p.requires_grad]
-    log.info("optimizer: AdamW + clip + EMA fused (Triton), lr %g, betas (%g, %g), weight decay %g",
-             cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay)
-    return AdamWEMA([p for p, _ in pairs], [e for _, e in pairs], ema_decay, lr=cfg.lr,
-                    betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    copies = [None] * len(params) if compute_copies is None else compute_copies
+    kept = [(p, e, c) for p, e, c in zip(params, ema_tensors, copies) if p.requires_grad]
+    log.info("optimizer: AdamW + clip + EMA fused (Triton), lr %g, betas (%g, %g), weight decay %g%s",
+             cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay,
+             f"; {sum(c is not None for _, _, c in kept)} tensors computed with bf16 copies of fp32 masters"
+             if compute_copies is not None else "")
+    return AdamWEMA([p for p, _, _ in kept], [e for _, e, _ in kept], ema_decay, lr=cfg.lr,
+                    betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                    compute_copies=[c for _, _, c in kept])
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from sfd_scale.config import SFDConfig, model_differences, to_dict
+from sfd_scale.config import SFDConfig, bf16_compute, model_differences, to_dict
 from sfd_scale.data.loader import LatentShardDataset, ShardLoader
 from sfd_scale.diffusion.loss import BatchPart, SFDLoss
 from sfd_scale.host_copy import to_host_async
@@ -64,8 +64,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def autocast_for(precision: str, device: torch.device):
     """bf16 autocast on GPU (SPEC recipe); fp32 on CPU unless bf16 is asked for explicitly."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not bf16_compute(precision, device.type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

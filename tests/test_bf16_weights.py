@@ -1,0 +1,86 @@
+"""optim.bf16_weights: the local engine computes with bf16 linear weights and the fused optimizer
+keeps their fp32 masters. Under bf16 autocast that is the same training as fp32 weights (autocast
+casts them to exactly those bf16 values every step), so runs must agree bit for bit; checkpoints,
+exports and resumes hold the fp32 masters. Runs the fused kernel (Triton's interpreter on the CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fault_worker import assert_identical
+from fixtures import tiny_sfd_config, triton_interpreter_without_gpu, write_latent_folder  # noqa: F401
+from sfd_scale.parallel.dims import ParallelDims, check_config_fits
+from sfd_scale.train.checkpoint import read_state
+from sfd_scale.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_latent_folder(tmp_path_factory.mktemp("bf16w") / "latents")
+
+
+def _config(data_dir, bf16_weights: bool, **train):
+    return tiny_sfd_config(data_dir, optim={"lr": 1e-3, "warmup_steps": 2, "fused_ema": True,
+                                            "bf16_weights": bf16_weights},
+                           train={"precision": "bf16", "log_every": 1, "ckpt_every": 3, **train})
+
+
+def _numbers(trainer: Trainer) -> dict:
+    model, ema = trainer.engine.consolidated_state()
+    return {"model": model, "ema": ema, "optimizer": trainer.engine.optimizer.state_dict()["state"]}
+
+
+def test_bf16_weights_train_like_autocast_over_fp32_weights(tmp_path, data_dir):
+    runs = {}
+    for bf16_weights in (False, True):
+        trainer = Trainer(_config(data_dir, bf16_weights), tmp_path / str(bf16_weights))
+        trainer.fit(6)
+        runs[bf16_weights] = trainer
+    plain, copies = runs[False], runs[True]
+    engine = copies.engine
+    w12 = engine.unwrap().blocks[0].mlp.w12
+    assert w12.weight.dtype == w12.bias.dtype == torch.bfloat16                  # what the module computes with
+    assert engine.unwrap().blocks[0].norm1.weight.dtype == torch.float32          # not a linear layer: untouched
+    master = engine.masters["blocks.0.mlp.w12.weight"]
+    assert master.dtype == torch.float32 and torch.equal(w12.weight, master.bfloat16())
+    assert not torch.equal(master, master.bfloat16().float())                    # the master keeps fp32 bits
+    assert_identical(_numbers(copies), _numbers(plain))                           # losses follow: same weights
+    saved = read_state(copies.store.step_dir(6), "model")
+    assert_identical(saved, read_state(plain.store.step_dir(6), "model"))        # checkpoints hold the masters
+
+
+def test_bf16_weights_resume_exactly(tmp_path, data_dir):
+    whole = Trainer(_config(data_dir, True), tmp_path / "whole")
+    whole.fit(6)
+    first = Trainer(_config(data_dir, True, max_steps=3), tmp_path / "resumed")
+    first.fit(3)
+    resumed = Trainer(_config(data_dir, True), tmp_path / "resumed")
+    resumed.maybe_resume()
+    assert resumed.step == 3
+    w12 = resumed.engine.unwrap().blocks[0].mlp.w12.weight
+    assert torch.equal(w12, resumed.engine.masters["blocks.0.mlp.w12.weight"].bfloat16())  # copies rebuilt
+    resumed.fit(6)
+    assert_identical(_numbers(resumed), _numbers(whole))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(optim={"fused_ema": False}), "needs optim.fused_ema=true"),
+    (dict(parallel={"engine": "ddp"}), "runs with parallel.engine=local"),
+    (dict(parallel={"grad_accum_steps": 2}), "needs parallel.grad_accum_steps=1"),
+    (dict(train={"precision": "fp32"}), "needs bf16 compute"),
+])
+def test_bf16_weights_settings_that_do_not_fit_are_named(data_dir, change, message):
+    cfg = _config(data_dir, True)
+    for section, values in change.items():
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+    with pytest.raises(ValueError, match=message):
+        check_config_fits(cfg, ParallelDims(world_size=2 if cfg.parallel.engine == "ddp" else 1, rank=0,
+                                            local_rank=0, tp=1))
+
+
+def test_bf16_weights_need_bf16_compute_on_the_device_the_run_uses(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="train.precision=auto on cpu"):
+        Trainer(_config(data_dir, True, precision="auto", device="cpu"), tmp_path / "run")
