@@ -22,9 +22,10 @@ def data_dir(tmp_path_factory):
     return write_latent_folder(tmp_path_factory.mktemp("bf16w") / "latents")
 
 
-def _config(data_dir, bf16_weights: bool, **train):
+def _config(data_dir, bf16_weights: bool, recompute: str = "none", **train):
     return tiny_sfd_config(data_dir, optim={"lr": 1e-3, "warmup_steps": 2, "fused_ema": True,
                                             "bf16_weights": bf16_weights},
+                           parallel={"activation_checkpointing": recompute},
                            train={"precision": "bf16", "log_every": 1, "ckpt_every": 3, **train})
 
 
@@ -33,17 +34,23 @@ def _numbers(trainer: Trainer) -> dict:
     return {"model": model, "ema": ema, "optimizer": trainer.engine.optimizer.state_dict()["state"]}
 
 
-def test_bf16_weights_train_like_autocast_over_fp32_weights(tmp_path, data_dir):
+# Activation checkpointing wraps blocks: parameter names gain an infix the state dict does not have.
+RECOMPUTE = ["none", "full"]
+
+
+@pytest.mark.parametrize("recompute", RECOMPUTE)
+def test_bf16_weights_train_like_autocast_over_fp32_weights(tmp_path, data_dir, recompute):
     runs = {}
     for bf16_weights in (False, True):
-        trainer = Trainer(_config(data_dir, bf16_weights), tmp_path / str(bf16_weights))
+        trainer = Trainer(_config(data_dir, bf16_weights, recompute), tmp_path / str(bf16_weights))
         trainer.fit(6)
         runs[bf16_weights] = trainer
     plain, copies = runs[False], runs[True]
     engine = copies.engine
-    w12 = engine.unwrap().blocks[0].mlp.w12
+    w12 = engine.unwrap().get_submodule("blocks.0").get_submodule(
+        "_checkpoint_wrapped_module.mlp.w12" if recompute == "full" else "mlp.w12")
     assert w12.weight.dtype == w12.bias.dtype == torch.bfloat16                  # what the module computes with
-    assert engine.unwrap().blocks[0].norm1.weight.dtype == torch.float32          # not a linear layer: untouched
+    assert engine.unwrap().x_embedder.proj.weight.dtype == torch.float32          # not a linear layer: untouched
     master = engine.masters["blocks.0.mlp.w12.weight"]
     assert master.dtype == torch.float32 and torch.equal(w12.weight, master.bfloat16())
     assert not torch.equal(master, master.bfloat16().float())                    # the master keeps fp32 bits
@@ -52,15 +59,17 @@ def test_bf16_weights_train_like_autocast_over_fp32_weights(tmp_path, data_dir):
     assert_identical(saved, read_state(plain.store.step_dir(6), "model"))        # checkpoints hold the masters
 
 
-def test_bf16_weights_resume_exactly(tmp_path, data_dir):
-    whole = Trainer(_config(data_dir, True), tmp_path / "whole")
+@pytest.mark.parametrize("recompute", RECOMPUTE)
+def test_bf16_weights_resume_exactly(tmp_path, data_dir, recompute):
+    whole = Trainer(_config(data_dir, True, recompute), tmp_path / "whole")
     whole.fit(6)
-    first = Trainer(_config(data_dir, True, max_steps=3), tmp_path / "resumed")
+    first = Trainer(_config(data_dir, True, recompute, max_steps=3), tmp_path / "resumed")
     first.fit(3)
-    resumed = Trainer(_config(data_dir, True), tmp_path / "resumed")
+    resumed = Trainer(_config(data_dir, True, recompute), tmp_path / "resumed")
     resumed.maybe_resume()
     assert resumed.step == 3
-    w12 = resumed.engine.unwrap().blocks[0].mlp.w12.weight
+    w12 = resumed.engine.unwrap().get_parameter(
+        "blocks.0._checkpoint_wrapped_module.mlp.w12.weight" if recompute == "full" else "blocks.0.mlp.w12.weight")
     assert torch.equal(w12, resumed.engine.masters["blocks.0.mlp.w12.weight"].bfloat16())  # copies rebuilt
     resumed.fit(6)
     assert_identical(_numbers(resumed), _numbers(whole))
@@ -84,3 +93,14 @@ def test_bf16_weights_settings_that_do_not_fit_are_named(data_dir, change, messa
 def test_bf16_weights_need_bf16_compute_on_the_device_the_run_uses(tmp_path, data_dir):
     with pytest.raises(ValueError, match="train.precision=auto on cpu"):
         Trainer(_config(data_dir, True, precision="auto", device="cpu"), tmp_path / "run")
+
+
+def test_gradient_norms_of_mixed_dtypes_are_fp32_and_in_order():
+    from sfd_scale.parallel.distributed import _fp32_norms
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(300, generator=g).bfloat16(), torch.randn(7, 5, generator=g),
+             torch.randn(64, generator=g).bfloat16(), torch.zeros(0)]
+    norms = _fp32_norms(grads)
+    assert [n.dtype for n in norms] == [torch.float32] * 4
+    assert all(torch.equal(n, torch.linalg.vector_norm(t.float())) for n, t in zip(norms, grads))

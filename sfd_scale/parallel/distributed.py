@@ -202,6 +202,20 @@ def raise_if_any_failed(error: BaseException | None, what: str) -> None:
         raise RuntimeError(f"{what} failed on {len(failed)} rank(s): {detail}")
 
 
+def _fp32_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's 2-norm, accumulated in fp32, in the order given. One foreach call per dtype:
+    CUDA's fused foreach norm takes lists of one dtype only (bf16 weight copies beside fp32 norm
+    weights would otherwise fall back to a kernel per tensor)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    norms: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for indices in by_dtype.values():
+        for i, norm in zip(indices, torch._foreach_norm([tensors[i] for i in indices], 2, dtype=torch.float32)):
+            norms[i] = norm
+    return norms
+
+
 def grad_norm_and_bad_loss(grads: list[torch.Tensor], loss: torch.Tensor, sharded: bool
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Global gradient norm over every rank and a 0/1 flag for a non-finite loss on any rank,
@@ -213,8 +227,7 @@ def grad_norm_and_bad_loss(grads: list[torch.Tensor], loss: torch.Tensor, sharde
     """
     device = grads[0].device if grads else loss.device
     if grads:
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # bf16 gradients summed in fp32
-        sq = torch.stack(norms).pow(2).sum()
+        sq = torch.stack(_fp32_norms(grads)).pow(2).sum()
     else:
         sq = torch.zeros((), device=device)
     bad_loss = (~torch.isfinite(loss.detach().float())).float().to(device)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from sfd_scale.config import ModelConfig, OptimConfig
 from sfd_scale.models.lightningdit import build_model
+from sfd_scale.parallel.checkpointing import clean_name
 from sfd_scale.parallel.distributed import clip_coefficient, clip_grads_and_check, grad_norm_and_bad_loss
 from sfd_scale.train.checkpoint import read_state, write_state
 from sfd_scale.train.ema import EMA
@@ -109,13 +110,15 @@ class Engine(abc.ABC):
 
 def attach_bf16_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     """Make the weights and biases of `module`'s linear layers bf16 in place (what autocast would
-    cast them to every step) and return their fp32 masters by parameter name, for the optimizer."""
+    cast them to every step) and return their fp32 masters, keyed like `module.state_dict()`
+    (without activation-checkpointing wrappers' infix), for the optimizer and checkpoints."""
+    linear = {id(p) for layer in module.modules() if isinstance(layer, nn.Linear)
+              for p in layer.parameters(recurse=False)}
     masters = {}
-    for prefix, layer in module.named_modules():
-        if isinstance(layer, nn.Linear):
-            for name, param in layer.named_parameters(recurse=False):
-                masters[f"{prefix}.{name}" if prefix else name] = param.detach().clone().requires_grad_(param.requires_grad)
-                param.data = param.data.to(torch.bfloat16)
+    for name, param in module.named_parameters():
+        if id(param) in linear:
+            masters[clean_name(name)] = param.detach().clone().requires_grad_(param.requires_grad)
+            param.data = param.data.to(torch.bfloat16)
     return masters
 
 
@@ -134,7 +137,7 @@ class LocalEngine(Engine):
         self.ema = EMA(self.module, ema_decay)  # from the fp32 weights, before any bf16 copy
         self.masters = attach_bf16_weights(self.module) if optim_cfg.bf16_weights else {}
         if optim_cfg.fused_ema:
-            named = list(self.module.named_parameters())
+            named = [(clean_name(n), p) for n, p in self.module.named_parameters()]
             self.optimizer = build_fused_ema_optimizer([self.masters.get(n, p) for n, p in named],
                                                        [e.data for e in self.ema.model.parameters()],
                                                        ema_decay, optim_cfg, device,
