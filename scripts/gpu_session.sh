@@ -84,9 +84,10 @@ run_named() {
     reference_tuned) step reference_plain_tuning 70 $PY .peer/peer_bench.py step --batch 32 --ema foreach --fused-adam ;;
     model) step model_compile 180 $PY "${XXL[@]}" --compile model --no-baseline --json "$OUT/xxl_model.json" ;;
     best) step best_fp8_rowwise 120 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead --set optim.fused_ema=true \
-      --sync-free --fp8 rowwise --no-baseline --profile-steps 3 --json "$OUT/xxl_best_fp8_rowwise.json" ;;
+      --set optim.bf16_weights=true --sync-free --fp8 rowwise --no-baseline --profile-steps 3 --json "$OUT/xxl_best_fp8_rowwise.json" ;;
     best_tensorwise) step best_fp8_tensorwise 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
-      --set optim.fused_ema=true --sync-free --fp8 tensorwise --no-baseline --json "$OUT/xxl_best_fp8_tensorwise.json" ;;
+      --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --fp8 tensorwise --no-baseline \
+      --json "$OUT/xxl_best_fp8_tensorwise.json" ;;
     residual) step sync_free_bf16_residual 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --sync-free --residual bf16 --no-baseline --profile-steps 3 --json "$OUT/xxl_bf16_residual.json" ;;
     weights) step sync_free_bf16_weights 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
@@ -120,11 +121,12 @@ run_named() {
   esac
 }
 STEPS=("$@")
-# What the session most needs first: the reference and its plain tuning on this card, our fastest bf16 step
-# and the same with FP8, with bf16 weight copies, with a bf16 residual stream and with all three, the GPU
-# tests of the kernels they use, the loss curves of FP8 and the bf16 residual against bf16; then the rows
-# that attribute the gains.
-(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned sync_free best weights residual best_all kernel_tests fp8_curve
+# What the session most needs first: the reference and its plain tuning on this card; our fastest step
+# with the reference's numbers (weights: CUDA graphs, fused optimizer, no host sync, bf16 weight copies),
+# with every option (best_all: also FP8 rowwise and a bf16 residual stream) and with FP8 only (best); the
+# GPU tests of the kernels they use; the loss curves of FP8 and the bf16 residual against bf16; then the
+# rows that attribute the gains.
+(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned weights best_all best kernel_tests fp8_curve sync_free residual
   best_tensorwise trainer tuning blocks_graphs optimizer blocks_fused_ema fp8 ac_ops encode dali ceiling blocks ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 
