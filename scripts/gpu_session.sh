@@ -114,7 +114,7 @@ run_named() {
     dali) step dali_vs_pil_decoding 120 bash -c "$PY scripts/sample_jpegs.py /tmp/jpegs 512 && \
       $PY launchers/bench_data.py --decode-images /tmp/jpegs --decoders pil,dali --device cuda --batch-size 64 \
       --threads 8 --seconds 10 --json $OUT/decode.json" ;;
-    optimizer) step optimizer_fused_vs_torch 60 $PY launchers/bench_optimizer.py --config configs/sfd_xxl.yaml ;;
+    optimizer) step optimizer_fused_vs_torch 80 $PY launchers/bench_optimizer.py --config configs/sfd_xxl.yaml ;;
     model_graphs) step model_cuda_graphs 200 $PY "${XXL[@]}" --compile model --compile-mode reduce-overhead \
       --no-baseline --json "$OUT/xxl_model_graphs.json" ;;
     *) echo "unknown step $1" | tee -a "$OUT/summary.txt" ;;

@@ -132,6 +132,7 @@ def test_optimizer_benchmark_runs_both_variants():
                           cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| clip + AdamW + EMA lerp |" in done.stdout and "| fused kernel |" in done.stdout
+    assert "| fused kernel, bf16 weight copies |" in done.stdout
 
 
 def test_local_engine_with_the_fused_kernel_takes_the_same_steps():
