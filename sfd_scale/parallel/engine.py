@@ -134,6 +134,8 @@ class LocalEngine(Engine):
         self.module = model.to(device)
         self.model = self.module
         self.optim_cfg = optim_cfg
+        if optim_cfg.bf16_weights and not optim_cfg.fused_ema:
+            raise ValueError("optim.bf16_weights needs optim.fused_ema=true: the fused kernel writes the bf16 copies")
         self.ema = EMA(self.module, ema_decay)  # from the fp32 weights, before any bf16 copy
         self.masters = attach_bf16_weights(self.module) if optim_cfg.bf16_weights else {}
         if optim_cfg.fused_ema:
@@ -143,8 +145,6 @@ class LocalEngine(Engine):
                                                        ema_decay, optim_cfg, device,
                                                        compute_copies=[p if n in self.masters else None
                                                                        for n, p in named] if self.masters else None)
-        elif self.masters:
-            raise ValueError("optim.bf16_weights needs optim.fused_ema=true: the fused kernel writes the bf16 copies")
         else:
             self.optimizer = build_optimizer(self.module, optim_cfg, device)
 
