@@ -107,7 +107,7 @@ run_named() {
     tuning) step sync_free_kernel_tuning 200 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead --compile-tuning \
       --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free_tuned.json" ;;
     trainer) step trainer_loop_sync_vs_async 200 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
-      --set model.compile_mode=reduce-overhead --batch-size 32 --warmup 5 --steps 20 --work-dir /tmp/trainer_bench \
+      --set model.compile_mode=reduce-overhead --set optim.bf16_weights=true --batch-size 32 --warmup 5 --steps 20 --work-dir /tmp/trainer_bench \
       --json "$OUT/trainer.json" ;;
     encode) step extraction_encoders 90 $PY launchers/bench_data.py --encode --device cuda --batch-size 64 \
       --seconds 10 --json "$OUT/encode.json" ;;
