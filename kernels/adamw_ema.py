@@ -21,7 +21,6 @@ Plain-PyTorch twin: torch.optim.AdamW followed by torch._foreach_lerp_ (tests co
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -52,15 +51,16 @@ def _bf16_bits(x):
 @triton.jit
 def _adamw_ema_kernel(table_ptr, block_tensor_ptr, block_start_ptr, scale_ptr, skip_ptr,
                       lr, beta1, beta2, eps, weight_decay, ema_weight, log_beta1, log_beta2,
-                      FIELDS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, COPY: tl.constexpr):
+                      FIELDS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, COPY: tl.constexpr,
+                      GRAD_BF16: tl.constexpr):
     # One launch for many tensors: program i updates elements [start, start + BLOCK) of tensor
     # block_tensor[i], whose addresses and size are row block_tensor[i] of the table. With COPY,
-    # every tensor of the launch has a bf16 compute copy: the gradient is that copy's (bf16), and
-    # the copy gets the new value.
+    # every tensor of the launch has a bf16 compute copy, which gets the new value; GRAD_BF16: the
+    # gradients are bf16 (a copy's own; fp32 where DDP reduced them in fp32).
     pid = tl.program_id(0)
     row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * FIELDS
     p_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.bfloat16 if COPY else tl.float32))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.bfloat16 if GRAD_BF16 else tl.float32))
     copy_ptr = tl.load(row + 7).to(tl.pointer_type(tl.uint16))  # bf16 bits, see _bf16_bits
     m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
     v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
@@ -170,9 +170,12 @@ class AdamWEMA(torch.optim.AdamW):
         self._block_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def grad_of(self, param: torch.Tensor) -> torch.Tensor | None:
-        """The gradient the step uses for `param`: its compute copy's when it has one."""
+        """The gradient the step uses for `param`: its compute copy's when it has one, and there the
+        fp32 `main_grad` when data parallelism reduced the bf16 gradient in fp32 beside it."""
         copy = self._copy_of.get(id(param))
-        return param.grad if copy is None else copy.grad
+        if copy is None:
+            return param.grad
+        return None if copy.grad is None else getattr(copy, "main_grad", copy.grad)
 
     def _copy_address(self, param: torch.Tensor) -> int:
         copy = self._copy_of.get(id(param))
@@ -219,12 +222,16 @@ class AdamWEMA(torch.optim.AdamW):
             hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], 1.0 - self.ema_decay,
                      _log(beta1), _log(beta2))
             # Fresh allocations are aligned, views (shards, buckets) may not be; tensors with a
-            # compute copy read bf16 gradients: one launch per kind present.
-            for aligned, copy in itertools.product((True, False), (False, True)):
-                subset = [r for r in rows if _aligned(r) == aligned and (r[7] != 0) == copy]
+            # compute copy write it, and read bf16 gradients unless reduced in fp32: one launch per
+            # kind present.
+            kinds = [(_aligned(r), r[7] != 0, g.dtype == torch.bfloat16) for r, g in zip(rows, grads)]
+            for kind in sorted(set(kinds), reverse=True):
+                subset = [r for r, k in zip(rows, kinds) if k == kind]
                 block_tensor, block_start = self._blocks(tuple(r[6] for r in subset), device)
                 if block_tensor.numel():  # none when every tensor is elsewhere or an empty shard
+                    aligned, copy, grad_bf16 = kind
                     _adamw_ema_kernel[(block_tensor.numel(),)](
                         to_device_async(torch.tensor(subset, dtype=torch.int64), device), block_tensor, block_start,
-                        scale, skipped, *hyper, FIELDS=_FIELDS, BLOCK=_BLOCK, ALIGNED=aligned, COPY=copy)
+                        scale, skipped, *hyper, FIELDS=_FIELDS, BLOCK=_BLOCK, ALIGNED=aligned, COPY=copy,
+                        GRAD_BF16=grad_bf16)
         return None

@@ -143,8 +143,9 @@ class OptimConfig:
     bf16_weights: bool = False
     """The module computes with bf16 copies of its linear layers' weights and biases, which the
     fused optimizer writes from its fp32 masters: no per-step cast of the weights in the forward nor
-    of their gradients in the backward, with autocast's numbers. Needs optim.fused_ema, the local
-    engine, bf16 precision and one micro-batch per step (bf16 gradients would accumulate in bf16)."""
+    of their gradients in the backward, with autocast's numbers. Needs optim.fused_ema, the local or
+    ddp engine (DDP averages the bf16 gradients in fp32), bf16 precision and one micro-batch per
+    step (bf16 gradients would accumulate in bf16)."""
 
 
 def bf16_compute(precision: str, device_type: str) -> bool:

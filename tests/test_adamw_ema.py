@@ -262,11 +262,13 @@ def test_aligned_tensors_get_128_bit_loads_and_stores(monkeypatch):
     signature = {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64", "scale_ptr": "*fp32",
                  "skip_ptr": "*fp32", **{name: "fp32" for name in ("lr", "beta1", "beta2", "eps", "weight_decay",
                                                                   "ema_weight", "log_beta1", "log_beta2")},
-                 "FIELDS": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr", "COPY": "constexpr"}
+                 "FIELDS": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr", "COPY": "constexpr",
+                 "GRAD_BF16": "constexpr"}
 
     def ptx(aligned: bool, copy: bool) -> str:
         return hopper_ptx(monkeypatch, adamw_ema, "_adamw_ema_kernel", signature,
-                          {"FIELDS": adamw_ema._FIELDS, "BLOCK": adamw_ema._BLOCK, "ALIGNED": aligned, "COPY": copy},
+                          {"FIELDS": adamw_ema._FIELDS, "BLOCK": adamw_ema._BLOCK, "ALIGNED": aligned, "COPY": copy,
+                           "GRAD_BF16": copy},
                           helpers=("_bf16_bits",))
 
     aligned, unaligned, with_copy = ptx(True, False), ptx(False, False), ptx(True, True)

@@ -9,9 +9,12 @@ import dataclasses
 
 import pytest
 import torch
+import yaml
 
+from dist_worker import launch, read_losses
 from fault_worker import assert_identical
 from fixtures import tiny_sfd_config, triton_interpreter_without_gpu, write_latent_folder  # noqa: F401
+from sfd_scale.config import to_dict
 from sfd_scale.parallel.dims import ParallelDims, check_config_fits
 from sfd_scale.train.checkpoint import read_state
 from sfd_scale.train.trainer import Trainer
@@ -75,9 +78,33 @@ def test_bf16_weights_resume_exactly(tmp_path, data_dir, recompute):
     assert_identical(_numbers(resumed), _numbers(whole))
 
 
+def _two_ddp_ranks(tmp_path, cfg, run: str, max_steps: int) -> dict:
+    """Train `cfg` on 2 DDP ranks (resuming `run` if it has a checkpoint); the worker's dump."""
+    (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    dump = tmp_path / f"{run}-{max_steps}.pt"
+    launch(2, ["--config", str(tmp_path / f"{run}.yaml"), "--run-dir", str(tmp_path / run), "--max-steps",
+               str(max_steps), "--set", "parallel.engine=ddp", "--dump", str(dump)], tmp_path / f"{run}-logs",
+           env={"TRITON_INTERPRET": "1"}, timeout=300)
+    return torch.load(dump, weights_only=True)
+
+
+@pytest.mark.distributed
+def test_ddp_averages_bf16_gradients_in_fp32_like_fp32_weights(tmp_path, data_dir):
+    """DDP's buckets hold the bf16 gradients; the hook averages them in fp32 for the optimizer, so
+    two ranks with bf16 copies take the steps two ranks with fp32 weights take, and resume exactly."""
+    plain = _two_ddp_ranks(tmp_path, _config(data_dir, False), "plain", 4)
+    copies = _two_ddp_ranks(tmp_path, _config(data_dir, True), "copies", 4)
+    assert read_losses(tmp_path / "copies") == read_losses(tmp_path / "plain")
+    assert_identical(copies["model"], plain["model"])
+    assert_identical(copies["ema"], plain["ema"])
+    resumed = _two_ddp_ranks(tmp_path, _config(data_dir, True, max_steps=3), "resumed", 3)
+    resumed = _two_ddp_ranks(tmp_path, _config(data_dir, True), "resumed", 4)   # from step 3
+    assert_identical(resumed["model"], plain["model"])
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(optim={"fused_ema": False}), "needs optim.fused_ema=true"),
-    (dict(parallel={"engine": "ddp"}), "runs with parallel.engine=local"),
+    (dict(parallel={"engine": "fsdp2"}), "runs with parallel.engine local or ddp"),
     (dict(parallel={"grad_accum_steps": 2}), "needs parallel.grad_accum_steps=1"),
     (dict(train={"precision": "fp32"}), "needs bf16 compute"),
 ])

@@ -3,6 +3,9 @@
 Gradients are averaged by DDP's bucketed all-reduce; the EMA is updated identically on every
 rank (replicated, no communication). Checkpoints have the single-process layout, written by
 rank 0 alone, so a DDP run resumes on any number of ranks, a single process included.
+
+With optim.bf16_weights the buckets hold bf16 gradients; a communication hook averages them in
+fp32 (as DDP averages fp32 gradients) into buffers the fused optimizer reads (`main_grad`).
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -29,6 +33,8 @@ class DDPEngine(LocalEngine):
         self.model = DistributedDataParallel(
             self.module, device_ids=[device] if device.type == "cuda" else None,
             forward_sync_buffers=False, gradient_as_bucket_view=True)
+        if self.masters:
+            self.model.register_comm_hook(FP32Average(), fp32_average_hook)
 
     def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else self.model.no_sync()
@@ -36,3 +42,30 @@ class DDPEngine(LocalEngine):
     def save(self, folder: Path) -> None:
         if rank() == 0:  # replicated state: one copy is the whole checkpoint
             super().save(folder)
+
+
+class FP32Average:
+    """State of `fp32_average_hook`: one fp32 buffer per DDP bucket, kept between steps."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, torch.Tensor] = {}
+
+
+def fp32_average_hook(state: FP32Average, bucket):  # no annotations: DDP checks them as objects, these would be strings
+    """Average a bucket (dist.GradBucket) of bf16 gradients over the ranks in fp32, as DDP averages
+    fp32 gradients (divide, then sum), leave each parameter's fp32 average in `param.main_grad` for
+    the fused optimizer, and hand DDP the bf16 rounding of it for `param.grad` (a future)."""
+    grads = bucket.buffer()
+    full = state.buffers.get(bucket.index())
+    if full is None or full.shape != grads.shape:  # DDP rebuilds its buckets after the first step
+        full = state.buffers[bucket.index()] = torch.empty(grads.shape, dtype=torch.float32, device=grads.device)
+    full.copy_(grads).div_(dist.get_world_size())
+    reduced = dist.all_reduce(full, async_op=True).get_future()
+
+    def publish(_: torch.futures.Future) -> torch.Tensor:
+        for param, grad in zip(bucket.parameters(), bucket.gradients()):
+            start = (grad.data_ptr() - grads.data_ptr()) // grads.element_size()
+            param.main_grad = full[start:start + grad.numel()].view_as(param)
+        return grads.copy_(full)
+
+    return reduced.then(publish)

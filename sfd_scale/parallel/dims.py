@@ -226,10 +226,10 @@ def check_bf16_weights(cfg: SFDConfig, device_type: str | None = None) -> None:
     p = cfg.parallel
     if not cfg.optim.fused_ema:
         raise ValueError("optim.bf16_weights needs optim.fused_ema=true: the fused kernel writes the bf16 copies")
-    if p.engine != "local" or p.tensor_parallel > 1:
-        raise ValueError(f"optim.bf16_weights runs with parallel.engine=local and no tensor parallelism (got engine "
-                         f"{p.engine}, tensor_parallel {p.tensor_parallel}): DDP would average bf16 gradients in bf16, "
-                         "and FSDP2 and DeepSpeed compute with bf16 weights already")
+    if p.engine not in ("local", "ddp") or p.tensor_parallel > 1:
+        raise ValueError(f"optim.bf16_weights runs with parallel.engine local or ddp and no tensor parallelism (got "
+                         f"engine {p.engine}, tensor_parallel {p.tensor_parallel}); FSDP2 and DeepSpeed compute with "
+                         "bf16 weights already")
     if p.grad_accum_steps > 1:
         raise ValueError(f"optim.bf16_weights needs parallel.grad_accum_steps=1 (got {p.grad_accum_steps}): the bf16 "
                          "gradients of several micro-batches would add up in bf16")

@@ -79,9 +79,9 @@ def build_engine(cfg: SFDConfig, dims: ParallelDims, device: torch.device,
 
         validate_tensor_parallel(p, cfg.model, dims.world_size)  # before the model is built
         return TensorParallelEngine(build_model(cfg.model).train(), p, optim, decay, device)  # applies AC itself
+    if optim.bf16_weights:
+        check_bf16_weights(cfg, device.type)
     if p.engine == "local":
-        if optim.bf16_weights:
-            check_bf16_weights(cfg, device.type)
         return LocalEngine(build(), optim, decay, device)
     if p.engine == "ddp":
         return DDPEngine(build(), optim, decay, device)
