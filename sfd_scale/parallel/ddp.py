@@ -56,10 +56,13 @@ def fp32_average_hook(state: FP32Average, bucket):  # no annotations: DDP checks
     fp32 gradients (divide, then sum), leave each parameter's fp32 average in `param.main_grad` for
     the fused optimizer, and hand DDP the bf16 rounding of it for `param.grad` (a future)."""
     grads = bucket.buffer()
+    world = dist.get_world_size()
+    if grads.dtype == torch.float32:  # parameters without a bf16 copy: averaged in place, as DDP does
+        return dist.all_reduce(grads.div_(world), async_op=True).get_future().then(lambda done: done.value()[0])
     full = state.buffers.get(bucket.index())
     if full is None or full.shape != grads.shape:  # DDP rebuilds its buckets after the first step
         full = state.buffers[bucket.index()] = torch.empty(grads.shape, dtype=torch.float32, device=grads.device)
-    full.copy_(grads).div_(dist.get_world_size())
+    full.copy_(grads).div_(world)
     reduced = dist.all_reduce(full, async_op=True).get_future()
 
     def publish(_: torch.futures.Future) -> torch.Tensor:
