@@ -31,8 +31,8 @@ mkdir -p "$OUT"
 # A bundle too large for one call (DALI and its dependencies, ~270 MB) is carried as tar parts
 # over several calls to a warm machine (each call carries one part, `.whl/dali-bundle.tar.part-ab`
 # ..., and the small `.whl/dali-bundle.tar.sha256`); once the joined parts match the checksum they
-# are unpacked into .whl/.
-if compgen -G ".whl/*.tar.part-aa" > /dev/null; then
+# are unpacked into .whl/ (on the GPU machine only: a dry run elsewhere leaves the parts alone).
+if command -v nvidia-smi > /dev/null && compgen -G ".whl/*.tar.part-aa" > /dev/null; then
   for first in .whl/*.tar.part-aa; do
     bundle=${first%.part-aa}
     cat "$bundle".part-* > /tmp/bundle.tar
