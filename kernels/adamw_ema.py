@@ -177,6 +177,10 @@ class AdamWEMA(torch.optim.AdamW):
             return param.grad
         return None if copy.grad is None else getattr(copy, "main_grad", copy.grad)
 
+    def gradients(self) -> list[torch.Tensor]:
+        """The gradients the next step uses (`grad_of`), in parameter order: what clipping's norm reads."""
+        return [g for group in self.param_groups for p in group["params"] if (g := self.grad_of(p)) is not None]
+
     def _copy_address(self, param: torch.Tensor) -> int:
         copy = self._copy_of.get(id(param))
         return 0 if copy is None else copy.data_ptr()
@@ -199,9 +203,10 @@ class AdamWEMA(torch.optim.AdamW):
         ema_of = dict(zip(map(id, flat), self.ema_params))
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            params = [p for p in group["params"] if self.grad_of(p) is not None]
-            if not params:
+            with_grads = [(p, g) for p in group["params"] if (g := self.grad_of(p)) is not None]
+            if not with_grads:
                 continue
+            params = [p for p, _ in with_grads]
             device = _local(params[0]).device
             scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device, torch.float32)
             skipped = torch.zeros((), device=device) if skip is None else skip.to(device, torch.float32)
@@ -215,7 +220,7 @@ class AdamWEMA(torch.optim.AdamW):
                 steps.append(state["step"].to(device) if state["step"].device != device else state["step"])
                 state["step"] = steps[-1]
             torch._foreach_add_(steps, 1.0 - skipped)  # counts advance unless skipped (on the device)
-            grads = [_local(self.grad_of(p)).contiguous() for p in params]  # alive until the kernels are queued
+            grads = [_local(g).contiguous() for _, g in with_grads]  # alive until the kernels are queued
             rows = [[_local(p).data_ptr(), g.data_ptr(), _local(self.state[p]["exp_avg"]).data_ptr(),
                      _local(self.state[p]["exp_avg_sq"]).data_ptr(), ema_of[id(p)].data_ptr(),
                      step.data_ptr(), g.numel(), self._copy_address(p)] for p, g, step in zip(params, grads, steps)]

@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                 if c is not None:
                     c.grad, m.grad = m.grad.bfloat16(), None
         opt = AdamWEMA(masters, ema, decay, **hyper, compute_copies=copies)
-        grads = [opt.grad_of(m) for m in masters]
-        return lambda: fused_step_on_device(opt, grads, loss, cfg.optim.lr, max_norm, sharded=False)
+        return lambda: fused_step_on_device(opt, opt.gradients(), loss, cfg.optim.lr, max_norm, sharded=False)
 
     print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"{numel / 1e6:.1f} M parameters in {len(trainable)} tensors")

@@ -68,13 +68,13 @@ class ModelConfig:
     """Inductor mode of that compile; 'reduce-overhead' replays CUDA graphs (GPU), which takes the
     kernel launches off the CPU at the cost of static input copies."""
     compile_tuning: bool = False
+    """Inductor tunes the block sizes of the kernels it generates (coordinate descent, GPU): a longer
+    first compile, cached afterwards."""
     residual_precision: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the residual stream between blocks under bf16 autocast in training. 'fp32' is the
     reference's numbers; 'bf16' halves the bytes of the residual and its gradient in every
     elementwise kernel around it (2.2x the output's rounding error, measured on the CPU): compare
     its loss curve first (launchers/compare_precision.py --recipes none bf16_residual)."""
-    """Inductor tunes the block sizes of the kernels it generates (coordinate descent, GPU): a longer
-    first compile, cached afterwards."""
 
 
 MODEL_FAST_PATH_KEYS = frozenset({"attention", "fused_kernels", "compile", "compile_mode", "compile_tuning", "fp8",

@@ -180,9 +180,8 @@ class LocalEngine(Engine):
         trainer runs with train.async_metrics (launchers/bench.py --sync-free times it)."""
         if not self.optim_cfg.fused_ema:
             raise ValueError("a step without host synchronisation needs optim.fused_ema=true")
-        # bf16 copies under DDP: the fp32 average it reduced beside the bf16 gradient (ddp.py).
-        grads = [getattr(p, "main_grad", p.grad) for p in self.module.parameters() if p.grad is not None]
-        return fused_step_on_device(self.optimizer, grads, loss, lr, self.optim_cfg.max_grad_norm, sharded=False)
+        return fused_step_on_device(self.optimizer, self.optimizer.gradients(), loss, lr, self.optim_cfg.max_grad_norm,
+                                    sharded=False)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The module's state dict with the fp32 masters in place of bf16 compute copies."""
