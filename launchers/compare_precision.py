@@ -40,11 +40,14 @@ def main(argv: list[str] | None = None) -> None:
     get_logger()
     cfg = bench_config(args.config, args.overrides)
     base = Variant("reference", cfg.model.attention, args.compile, False)
+
+    def write(report: dict) -> None:  # after each recipe: a run cut short keeps the finished curves
+        if args.json:
+            atomic_write_bytes(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
+
     report = loss_curves(cfg, base, args.recipes, args.steps, args.batch_size, args.pool,
-                         resolve_device(cfg.train.device), args.window)
+                         resolve_device(cfg.train.device), args.window, on_curve=write)
     print(format_comparison(report))
-    if args.json:
-        atomic_write_bytes(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

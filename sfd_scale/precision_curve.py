@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import itertools
 import logging
+from typing import Callable
 
 import torch
 
@@ -74,8 +75,11 @@ def recipe_variant(base: Variant, recipe: str) -> Variant:
 
 
 def loss_curves(cfg: SFDConfig, base: Variant, recipes: list[str], steps: int, batch_size: int, pool: int,
-                device: torch.device, window: int = 10) -> dict:
-    """Train one fresh model per precision recipe (`recipe_variant`) from the same seed; curves and gaps."""
+                device: torch.device, window: int = 10, on_curve: Callable[[dict], None] | None = None) -> dict:
+    """Train one fresh model per precision recipe (`recipe_variant`) from the same seed; curves and gaps.
+
+    `on_curve` gets the report so far after each recipe, so a run cut short (a GPU lease's time limit)
+    keeps the curves it finished."""
     if not recipes or steps < 1 or pool < 1 or window < 1:
         raise ValueError(f"need recipes, steps >= 1, pool >= 1 and window >= 1; got {recipes}, {steps}, {pool}, {window}")
     variants = [recipe_variant(base, recipe) for recipe in recipes]
@@ -87,15 +91,17 @@ def loss_curves(cfg: SFDConfig, base: Variant, recipes: list[str], steps: int, b
         curves[recipe] = torch.stack(losses).float().tolist()  # one sync per curve
         log.info("%s: loss %.4f -> %.4f over %d steps", recipe, curves[recipe][0], curves[recipe][-1], steps)
         del engine, step
-    reference = recipes[0]
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "data": source, "batch_size": batch_size, "pool": pool, "steps": steps, "window": window,
-        "model": {"size": cfg.model.size, "depth": cfg.model.depth, "hidden_size": cfg.model.hidden_size},
-        "compile": base.compile, "reference": reference, "curves": curves,
-        "against_reference": {r: compare(curves[reference], curves[r], window) for r in recipes[1:]},
-    }
+        report = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "data": source, "batch_size": batch_size, "pool": pool, "steps": steps, "window": window,
+            "model": {"size": cfg.model.size, "depth": cfg.model.depth, "hidden_size": cfg.model.hidden_size},
+            "compile": base.compile, "reference": recipes[0], "curves": dict(curves),
+            "against_reference": {r: compare(curves[recipes[0]], curves[r], window) for r in curves if r != recipes[0]},
+        }
+        if on_curve is not None:
+            on_curve(report)
+    return report
 
 
 def format_comparison(report: dict) -> str:

@@ -11,8 +11,8 @@ from sfd_scale.config import ModelConfig, ParallelConfig
 from sfd_scale.models import fast_paths
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.parallel.checkpointing import apply_activation_checkpointing
-from sfd_scale.bench import Variant
-from sfd_scale.precision_curve import compare, recipe_variant, smooth
+from sfd_scale.bench import Variant, bench_config
+from sfd_scale.precision_curve import compare, loss_curves, recipe_variant, smooth
 from fixtures import TINY_MODEL_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,17 @@ def test_compare_precision_trains_both_recipes_from_the_same_start(tmp_path):
     residual = report["curves"]["bf16_residual"]
     assert residual != bf16 and residual[0] == pytest.approx(bf16[0], rel=1e-2)  # the bf16 stream ran
     assert 0 < report["against_reference"]["bf16_residual"]["mean_relative_gap"] < 0.01
+
+
+def test_loss_curves_hand_over_each_finished_recipe():
+    # A GPU lease can end mid-run: every finished curve must already be with the caller.
+    cfg = bench_config(None, TINY_MODEL_ARGS[1::2] + ["train.device=cpu", "train.precision=fp32"])
+    seen: list[dict] = []
+    final = loss_curves(cfg, Variant("reference", "math", "none", False), ["none", "bf16_residual"], steps=3,
+                        batch_size=2, pool=2, device=CPU, window=1, on_curve=seen.append)
+    assert [list(r["curves"]) for r in seen] == [["none"], ["none", "bf16_residual"]]
+    assert seen[0]["against_reference"] == {} and seen[-1] == final
+    assert final["curves"]["none"] == seen[0]["curves"]["none"]
 
 
 def test_precision_recipes_combine_an_fp8_recipe_and_the_bf16_residual():
