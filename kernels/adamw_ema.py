@@ -219,7 +219,9 @@ class AdamWEMA(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 steps.append(state["step"].to(device) if state["step"].device != device else state["step"])
                 state["step"] = steps[-1]
-            torch._foreach_add_(steps, 1.0 - skipped)  # counts advance unless skipped (on the device)
+            # Counts advance unless skipped, on the device. `alpha` selects the tensor overload: without
+            # it the 0-d increment is taken as a Python scalar (.item(), a host sync every step).
+            torch._foreach_add_(steps, 1.0 - skipped, alpha=1)
             grads = [_local(g).contiguous() for _, g in with_grads]  # alive until the kernels are queued
             rows = [[_local(p).data_ptr(), g.data_ptr(), _local(self.state[p]["exp_avg"]).data_ptr(),
                      _local(self.state[p]["exp_avg_sq"]).data_ptr(), ema_of[id(p)].data_ptr(),

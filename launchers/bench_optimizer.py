@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from sfd_scale.bench import _timed, bench_config, build_model_meta
 from sfd_scale.logging import get_logger
+from sfd_scale.models.fast_paths import fused_kernels_unavailable
 from sfd_scale.parallel.distributed import clip_grads_and_check
 from sfd_scale.parallel.engine import fused_step_on_device
 from sfd_scale.train.trainer import resolve_device
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     get_logger()
     cfg = bench_config(args.config, args.overrides)
     device = resolve_device(cfg.train.device)
+    reason = fused_kernels_unavailable(device)
+    if reason is not None:
+        parser.error(f"the fused kernel cannot run: {reason}")
     from sfd_scale.kernels.adamw_ema import AdamWEMA  # after TRITON_INTERPRET is known
 
     meta = build_model_meta(cfg.model)

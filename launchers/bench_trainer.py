@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=1024, help="synthetic samples in the shards")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_trainer"),
                         help="shards (kept for the next run) and the runs' logs")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="then profile this many steps of the last loop mode: where the time goes, where the GPU idles")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON")
     return parser.parse_args(argv)
 
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     get_logger()
     cfg = bench_config(args.config, args.overrides)
-    report = run_trainer_benchmark(cfg, args.batch_size, args.warmup, args.steps, args.samples, args.work_dir)
+    report = run_trainer_benchmark(cfg, args.batch_size, args.warmup, args.steps, args.samples, args.work_dir,
+                                   args.profile_steps)
     if distributed.rank() == 0:
         print(format_trainer_report(report))
         if args.json:

@@ -4,13 +4,14 @@
 #   OUT=/path/to/results SESSION_BUDGET_S=450 bash scripts/gpu_session.sh [STEP ...]
 #
 # The first device call carries [".peer", ".whl/torchao-0.18.0-<...>.whl"] and runs the default
-# steps with SESSION_BUDGET_S ~470 (timeout_s 560); ignored files stay on the warm machine, so a
-# second call carries nothing and runs what the first one skipped (named as STEP arguments).
+# steps with SESSION_BUDGET_S ~440 (timeout_s 530; the machine's start took ~30 s on 2026-11-27);
+# ignored files and /tmp stay on the warm machine (30 s), so a second call at once carries nothing
+# and runs what the first one skipped (named as STEP arguments).
 # `dali` needs the DALI bundle (~270 MB, over one call's 64 MiB): carried as
 # .whl/dali-bundle.tar.part-aa..ae plus .whl/dali-bundle.tar.sha256, one part per call to a warm
 # machine, so only a session with device time to spare takes it.
 # STEP names a check below (default: all, in the order of STEPS at the end: what the next GPU session
-# most needs first). Each step's limit is ~1.6x the time it took on the H200 (2026-11-27).
+# most needs first). Each step's limit is ~1.6x the time it took on the H200 or the H100 (2026-11-27).
 # Runs on the GPU machine from the repository root with the image's python3 (torch, triton);
 # the reference step needs the reference code in .peer/sfd and .peer/peer_bench.py
 # (see docs/benchmarks.md); wheels in .whl/ (torchao for the FP8 steps; DALI and its dependencies
@@ -45,8 +46,9 @@ if command -v nvidia-smi > /dev/null && compgen -G ".whl/*.tar.part-aa" > /dev/n
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$LOG" 2>&1
-  export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
+# A later call to a warm machine carries no wheels: what the first call installed is still there.
+[ -d /tmp/site ] && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 : > "$OUT/summary.txt"
 
 # step NAME TIMEOUT_S COMMAND...: run if the budget still holds TIMEOUT_S, log everything.
@@ -84,37 +86,43 @@ run_named() {
       --json "$OUT/xxl_eager_fused.json" ;;
     ac_ops) step ac_ops_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing ops --no-baseline --json "$OUT/xxl_ac_ops.json" ;;
     ac_blocks) step ac_full_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing full --no-baseline --json "$OUT/xxl_ac_blocks.json" ;;
-    kernel_tests) step kernel_and_async_tests 130 $PY -m pytest -q -x -p no:cacheprovider -m "not distributed" \
+    kernel_tests) step kernel_and_async_tests 90 $PY -m pytest -q -x -p no:cacheprovider -m "not distributed" \
       tests/test_kernels.py tests/test_adamw_ema.py tests/test_async_metrics.py tests/test_bf16_weights.py ;;
-    reference) step reference_as_shipped 70 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
-    reference_tuned) step reference_plain_tuning 70 $PY .peer/peer_bench.py step --batch 32 --ema foreach --fused-adam ;;
+    reference) step reference_as_shipped 100 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
+    reference_tuned) step reference_plain_tuning 60 $PY .peer/peer_bench.py step --batch 32 --ema foreach --fused-adam ;;
     model) step model_compile 180 $PY "${XXL[@]}" --compile model --no-baseline --json "$OUT/xxl_model.json" ;;
     best) step best_fp8_rowwise 120 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead --set optim.fused_ema=true \
       --set optim.bf16_weights=true --sync-free --fp8 rowwise --no-baseline --profile-steps 3 --json "$OUT/xxl_best_fp8_rowwise.json" ;;
-    best_tensorwise) step best_fp8_tensorwise 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+    best_tensorwise) step best_fp8_tensorwise 105 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --fp8 tensorwise --no-baseline \
-      --json "$OUT/xxl_best_fp8_tensorwise.json" ;;
-    residual) step sync_free_bf16_residual 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+      --profile-steps 3 --json "$OUT/xxl_best_fp8_tensorwise.json" ;;
+    residual) step sync_free_bf16_residual 70 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --sync-free --residual bf16 --no-baseline --profile-steps 3 --json "$OUT/xxl_bf16_residual.json" ;;
-    weights) step sync_free_bf16_weights 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+    weights) step sync_free_bf16_weights 85 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --no-baseline --profile-steps 3 \
       --json "$OUT/xxl_bf16_weights.json" ;;
+    weights_residual) step sync_free_bf16_weights_bf16_residual 105 $PY "${XXL[@]}" --compile blocks \
+      --compile-mode reduce-overhead --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --residual bf16 \
+      --no-baseline --profile-steps 3 --json "$OUT/xxl_bf16_weights_bf16_residual.json" ;;
+    best_gw_hp) step best_fp8_rowwise_gw_hp 105 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+      --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --fp8 rowwise_with_gw_hp --no-baseline \
+      --profile-steps 3 --json "$OUT/xxl_best_fp8_rowwise_gw_hp.json" ;;
     best_all) step best_fp8_bf16_weights_bf16_residual 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --fp8 rowwise --residual bf16 --no-baseline \
       --profile-steps 3 --json "$OUT/xxl_best_all.json" ;;
     fp8) step fp8_rowwise_blocks 120 $PY "${XXL[@]}" --compile blocks --fp8 rowwise --no-baseline \
       --profile-steps 3 --json "$OUT/xxl_fp8_blocks.json" ;;
     fp8_curve) step precision_loss_curves 150:330 $PY launchers/compare_precision.py --set optim.lr=2e-4 \
-      --recipes none rowwise bf16_residual --steps 200 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
+      --recipes none bf16_residual tensorwise --steps 200 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
     blocks_fused_ema) step blocks_fused_adamw_ema 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused_ema.json" ;;
-    sync_free) step blocks_graphs_fused_ema_sync_free 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+    sync_free) step blocks_graphs_fused_ema_sync_free 80 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free.json" ;;
-    tuning) step sync_free_kernel_tuning 200 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead --compile-tuning \
+    tuning) step sync_free_kernel_tuning 250 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead --compile-tuning \
       --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free_tuned.json" ;;
-    trainer) step trainer_loop_sync_vs_async 200 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
-      --set model.compile_mode=reduce-overhead --set optim.bf16_weights=true --batch-size 32 --warmup 5 --steps 20 --work-dir /tmp/trainer_bench \
-      --json "$OUT/trainer.json" ;;
+    trainer) step trainer_loop_sync_vs_async 150 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
+      --set model.compile_mode=reduce-overhead --set optim.bf16_weights=true --batch-size 32 --warmup 5 --steps 20 \
+      --profile-steps 4 --work-dir /tmp/trainer_bench --json "$OUT/trainer.json" ;;
     encode) step extraction_encoders 90 $PY launchers/bench_data.py --encode --device cuda --batch-size 64 \
       --seconds 10 --json "$OUT/encode.json" ;;
     dali) step dali_vs_pil_decoding 120 bash -c "$PY scripts/sample_jpegs.py /tmp/jpegs 512 && \
@@ -127,13 +135,16 @@ run_named() {
   esac
 }
 STEPS=("$@")
-# What the session most needs first: the reference and its plain tuning on this card; our fastest step
-# with the reference's numbers (weights: CUDA graphs, fused optimizer, no host sync, bf16 weight copies),
-# with every option (best_all: also FP8 rowwise and a bf16 residual stream); the GPU tests of the kernels
-# they use; FP8 only (best); the loss curves of FP8 and the bf16 residual against bf16; then the
+# What the session most needs first (after the H100 call of 2026-11-27): the reference and its plain
+# tuning on this card; our fastest step with the reference's numbers (weights: CUDA graphs, fused
+# optimizer, no host sync, bf16 weight copies; profiled, with where the GPU idles); the real trainer
+# loop, profiled (it ran 46 ms a step slower than the step alone); the same step with a bf16 residual
+# stream; FP8 tensorwise and rowwise with a bf16 weight gradient (rowwise lost 26 ms to its casts);
+# the kernel tests; the loss curves of the bf16 residual and FP8 tensorwise against bf16; then the
 # rows that attribute the gains.
-(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned weights best_all kernel_tests best fp8_curve sync_free residual
-  best_tensorwise trainer tuning blocks_graphs optimizer blocks_fused_ema fp8 ac_ops encode dali ceiling blocks ac_blocks blocks_fused eager_fused model model_graphs)
+(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned weights trainer weights_residual best_tensorwise best_gw_hp kernel_tests
+  fp8_curve tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
+  ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 
 # Summary: one line per measured run.
@@ -149,6 +160,10 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("xxl_*.json")):
     if "profile" in r:
         cats = ", ".join(f"{k} {v*1e3:.1f}" for k, v in r["profile"]["categories"].items())
         print(f"  profile ms/step: wall {r['profile']['wall_s_per_step']*1e3:.1f}, busy {r['profile']['busy_s_per_step']*1e3:.1f}: {cats}")
+        if "idle" in r["profile"]:
+            idle = r["profile"]["idle"]
+            print(f"  idle {idle['s_per_step']*1e3:.1f} ms/step; host doing: "
+                  + ", ".join(f"{row['name'][:40]} {row['s_per_step']*1e3:.1f}" for row in idle["by_host_op"][:4]))
 PYEOF
 [ -f "$OUT/trainer.json" ] && $PY -c 'import json, sys; from sfd_scale.trainer_bench import format_trainer_report as f; print(f(json.load(open(sys.argv[1]))))' \
   "$OUT/trainer.json" >> "$OUT/summary.txt"

@@ -3,17 +3,21 @@
 On a GPU every CUDA kernel's device time is summed per step, by kernel name and by category
 (matmuls, attention, multi-tensor optimizer/EMA/clip kernels, Triton kernels from inductor or
 `kernels/`, eager elementwise and reduction kernels, copies); `busy_s_per_step` next to
-`wall_s_per_step` shows how long the GPU sat idle (launch- or sync-bound). On the CPU the
-operators' own (self) CPU time is summed instead, which is what tests can check.
+`wall_s_per_step` shows how long the GPU sat idle (launch- or sync-bound), and `idle` says where:
+each gap between kernels, attributed to what the host thread that launches the kernels was doing
+meanwhile (its innermost operator or annotated range) and to the kernel that ended the gap. On the
+CPU the operators' own (self) CPU time is summed instead, which is what tests can check.
 """
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 import warnings
 from collections import Counter, defaultdict
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -35,26 +39,34 @@ def category(name: str) -> str:
 
 
 def profile_training_step(step: Callable[[], object], device: torch.device, steps: int,
-                          top: int = 25) -> dict:
-    """Run `step` `steps` times under the profiler (after the caller's warm-up); per-step seconds
-    by category and for the `top` most expensive kernels (or CPU operators)."""
+                          top: int = 25, steps_per_call: int = 1) -> dict:
+    """Run `step` under the profiler (after the caller's warm-up) until `steps` training steps ran,
+    each call running `steps_per_call` of them (a training loop's own stretch of steps); per-step
+    seconds by category and for the `top` most expensive kernels (or CPU operators)."""
+    if steps < 1 or steps_per_call < 1 or steps % steps_per_call:
+        raise ValueError(f"profile: steps must be a positive multiple of steps_per_call, got {steps}, {steps_per_call}")
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(steps // steps_per_call):
             step()
         if on_gpu:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
     per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    kernels: list[Interval] = []
+    host_ops: list[HostOp] = []
     for event in prof.events():
+        if on_gpu and event.device_type == DeviceType.CPU:
+            host_ops.append((event.time_range.start, event.time_range.end, event.name, event.thread))
         if on_gpu:
             # Kernels only: annotated ranges on the GPU track ('Optimizer.step#AdamW.step') span
             # kernels that are counted on their own.
             if event.device_type != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
                 continue
             seconds = event.device_time / 1e6
+            kernels.append((event.time_range.start, event.time_range.end, event.name))
         else:
             seconds = event.self_cpu_time_total / 1e6
             if seconds <= 0:
@@ -74,7 +86,47 @@ def profile_training_step(step: Callable[[], object], device: torch.device, step
         "categories": dict(sorted(by_category.items(), key=lambda item: -item[1])),
         "top": [{"name": name, "category": category(name), "s_per_step": seconds / steps,
                  "calls_per_step": calls / steps} for name, (seconds, calls) in ranked],
+        **({"idle": idle_gaps(kernels, host_ops, steps)} if on_gpu else {}),
     }
+
+
+Interval = tuple[float, float, str]
+"""(start us, end us, name) of one kernel on the profiler's clock."""
+HostOp = tuple[float, float, str, int]
+"""(start us, end us, name, thread) of one host-side operator, runtime call or annotated range."""
+
+
+def idle_gaps(kernels: Sequence[Interval], host_ops: Sequence[HostOp], steps: int, min_gap_us: float = 10.0,
+              top: int = 8) -> dict:
+    """Where the GPU sat idle between its first and last kernel: gaps of at least `min_gap_us`,
+    summed per step by what the launching thread (the one that issued the most `cuda*` runtime
+    calls) was doing at the gap's midpoint (its innermost operator) and by the kernel that ended
+    the gap; the largest `top` of each."""
+    busy_until, gaps = None, []
+    for start, end, name in sorted(kernels):
+        if busy_until is not None and start - busy_until >= min_gap_us:
+            gaps.append((busy_until, start, name))
+        busy_until = end if busy_until is None else max(busy_until, end)
+    launcher = Counter(t for _, _, n, t in host_ops if n.startswith("cuda")).most_common(1)
+    ops = [op for op in host_ops if launcher and op[3] == launcher[0][0]]
+    starts = np.array([op[0] for op in ops], dtype=np.float64)
+    ends = np.array([op[1] for op in ops], dtype=np.float64)
+    by_host: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    by_next: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for start, end, next_kernel in gaps:
+        mid = (start + end) / 2
+        covering = np.flatnonzero((starts <= mid) & (ends >= mid))
+        host = ops[covering[np.argmin(ends[covering] - starts[covering])]][2] if covering.size else "(no host op)"
+        for table, key in ((by_host, host), (by_next, next_kernel)):
+            table[key][0] += end - start
+            table[key][1] += 1
+
+    def ranked(table: dict[str, list[float]]) -> list[dict]:
+        rows = sorted(table.items(), key=lambda item: -item[1][0])[:top]
+        return [{"name": name, "s_per_step": us / 1e6 / steps, "gaps_per_step": n / steps} for name, (us, n) in rows]
+
+    return {"s_per_step": sum(end - start for start, end, _ in gaps) / 1e6 / steps, "gaps_per_step": len(gaps) / steps,
+            "min_gap_us": min_gap_us, "by_host_op": ranked(by_host), "before_kernel": ranked(by_next)}
 
 
 def format_profile(report: dict, width: int = 90) -> str:
@@ -86,9 +138,21 @@ def format_profile(report: dict, width: int = 90) -> str:
     lines += [f"| {name} | {seconds * 1e3:.2f} | {seconds / busy:.1%} |" for name, seconds in report["categories"].items()]
     lines += ["| kernel | category | ms/step | calls/step |", "|---|---|---|---|"]
     for row in report["top"]:
-        name = row["name"] if len(row["name"]) <= width else row["name"][:width - 3] + "..."
-        lines.append(f"| {name} | {row['category']} | {row['s_per_step'] * 1e3:.3f} | {row['calls_per_step']:.1f} |")
+        lines.append(f"| {_short(row['name'], width)} | {row['category']} | {row['s_per_step'] * 1e3:.3f} | "
+                     f"{row['calls_per_step']:.1f} |")
+    idle = report.get("idle")
+    if idle is not None:
+        lines.append(f"GPU idle between kernels: {idle['s_per_step'] * 1e3:.2f} ms/step in {idle['gaps_per_step']:.0f} "
+                     f"gaps of >= {idle['min_gap_us']:g} us")
+        for title, key in (("host thread doing", "by_host_op"), ("gap ended by kernel", "before_kernel")):
+            lines += [f"| {title} | idle ms/step | gaps/step |", "|---|---|---|"]
+            lines += [f"| {_short(row['name'], width)} | {row['s_per_step'] * 1e3:.3f} | {row['gaps_per_step']:.1f} |"
+                      for row in idle[key]]
     return "\n".join(lines)
+
+
+def _short(name: str, width: int) -> str:
+    return name if len(name) <= width else name[:width - 3] + "..."
 
 
 def count_host_syncs(step: Callable[[], object], device: torch.device, sites: int = 10) -> dict | None:

@@ -22,7 +22,7 @@ from sfd_scale.config import SFDConfig
 from sfd_scale.data.bench import make_bench_shards
 from sfd_scale.parallel import distributed
 from sfd_scale.parallel.dims import ParallelDims, has_fused_optimizer
-from sfd_scale.profile_step import count_host_syncs
+from sfd_scale.profile_step import count_host_syncs, format_profile, profile_training_step
 from sfd_scale.train.trainer import Trainer, resolve_device
 
 def bench_run_config(cfg: SFDConfig, data_dir: Path, rank_batch: int, dims: ParallelDims,
@@ -38,9 +38,11 @@ def bench_run_config(cfg: SFDConfig, data_dir: Path, rank_batch: int, dims: Para
         logging=dataclasses.replace(cfg.logging, wandb="disabled", progress_bar=False))
 
 
-def time_trainer(cfg: SFDConfig, run_dir: Path, dims: ParallelDims, warmup_steps: int, steps: int) -> dict:
-    """Images/s of `steps` trainer steps after `warmup_steps` (all ranks), and rank 0's host syncs
-    over two steps."""
+def time_trainer(cfg: SFDConfig, run_dir: Path, dims: ParallelDims, warmup_steps: int, steps: int,
+                 profile_steps: int = 0) -> dict:
+    """Images/s of `steps` trainer steps after `warmup_steps` (all ranks), rank 0's host syncs
+    over two steps, and with `profile_steps` a profile of that many more steps in one stretch of
+    the loop (`sfd_scale.profile_step`: where the time goes, and where the GPU sat idle)."""
     trainer = Trainer(cfg, run_dir, dims=dims)
     device = trainer.device
     _train_on(trainer, warmup_steps)
@@ -52,6 +54,8 @@ def time_trainer(cfg: SFDConfig, run_dir: Path, dims: ParallelDims, warmup_steps
     _synchronize(device)
     seconds = float(distributed.all_reduce(torch.tensor([time.perf_counter() - start]), op="max")[0])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    profile = (profile_training_step(functools.partial(_train_on, trainer, profile_steps), device, profile_steps,
+                                     steps_per_call=profile_steps) if profile_steps else None)
     del trainer
     torch._dynamo.reset()  # the next mode compiles afresh; CUDA-graph pools of this one are freed
     gc.collect()
@@ -61,13 +65,15 @@ def time_trainer(cfg: SFDConfig, run_dir: Path, dims: ParallelDims, warmup_steps
     return {"async_metrics": cfg.train.async_metrics, "steps": steps,
             "images_per_s": steps * cfg.train.global_batch_size / seconds, "step_s_mean": seconds / steps,
             "host_syncs_per_step": None if syncs is None else syncs["count"] / 2,
-            "host_sync_sites": None if syncs is None else syncs["sites"], "peak_mem_gib": peak}
+            "host_sync_sites": None if syncs is None else syncs["sites"], "peak_mem_gib": peak,
+            **({"profile": profile} if profile is not None else {})}
 
 
 def run_trainer_benchmark(cfg: SFDConfig, rank_batch: int, warmup_steps: int, steps: int, samples: int,
-                          work_dir: Path) -> dict:
+                          work_dir: Path, profile_steps: int = 0) -> dict:
     """The loop modes the configured engine has, on the same shards (`samples` samples of the
-    model's shapes, written once under `work_dir` by rank 0); every rank calls this."""
+    model's shapes, written once under `work_dir` by rank 0); every rank calls this. The last
+    mode (async metrics where the engine has them) is also profiled over `profile_steps` steps."""
     dims = ParallelDims.from_env(tp=cfg.parallel.tensor_parallel)
     device = resolve_device(cfg.train.device, dims.local_rank)
     if dims.world_size > 1:
@@ -79,8 +85,9 @@ def run_trainer_benchmark(cfg: SFDConfig, rank_batch: int, warmup_steps: int, st
         semantic_channels=cfg.model.semantic_channels, dino_channels=cfg.model.repa_feature_dim,
         latent_size=cfg.model.input_size, num_classes=cfg.model.num_classes))
     fused = has_fused_optimizer(cfg.parallel)
+    modes = (False, True) if fused else (False,)
     runs = [time_trainer(bench_run_config(cfg, shard_dir, rank_batch, dims, mode), work_dir / f"run-{mode}",
-                         dims, warmup_steps, steps) for mode in ((False, True) if fused else (False,))]
+                         dims, warmup_steps, steps, profile_steps if mode == modes[-1] else 0) for mode in modes]
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "model": cfg.model.size, "compile": cfg.model.compile,
             "compile_mode": cfg.model.compile_mode, "engine": cfg.parallel.engine, "world_size": dims.world_size,
@@ -101,6 +108,7 @@ def format_trainer_report(report: dict) -> str:
                      f"{run['step_s_mean']:.4g} | {syncs} | {peak} |")
         if run["host_sync_sites"]:
             lines.append("  synchronising lines: " + ", ".join(run["host_sync_sites"][:5]))
+    lines += [format_profile(run["profile"]) for run in report["runs"] if "profile" in run]
     if report["async_speedup"] is not None:
         lines.append(f"async / synchronous: {report['async_speedup']:.3f}x images/s")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """The fused AdamW + clip scale + EMA kernel against torch.optim.AdamW followed by the EMA lerp."""
 import copy
+import os
 
 import pytest
 import torch
@@ -128,11 +129,17 @@ def test_optimizer_benchmark_runs_both_variants():
     tiny = ["--set", "model.size=custom", "--set", "model.depth=2", "--set", "model.hidden_size=32",
             "--set", "model.num_heads=2", "--set", "model.repa_projector_dim=16", "--set", "model.repa_feature_dim=8",
             "--set", "train.device=cpu", "--steps", "1"]
+    # The CPU runs the kernel in Triton's interpreter, also on a machine that has a GPU.
     done = subprocess.run([sys.executable, "launchers/bench_optimizer.py", *tiny], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+                          cwd=Path(__file__).resolve().parents[1], timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| clip + AdamW + EMA lerp |" in done.stdout and "| fused kernel |" in done.stdout
     assert "| fused kernel, bf16 weight copies |" in done.stdout
+    refused = subprocess.run([sys.executable, "launchers/bench_optimizer.py", *tiny], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], timeout=300,
+                             env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert refused.returncode != 0 and "the fused kernel cannot run: they need a CUDA device" in refused.stderr
 
 
 def test_local_engine_with_the_fused_kernel_takes_the_same_steps():
@@ -214,6 +221,39 @@ def test_step_on_device_skips_a_non_finite_loss_inside_the_kernel():
         assert changed == (not expect_skip)
     with pytest.raises(ValueError, match="needs optim.fused_ema=true"):
         LocalEngine(build_model(cfg), OptimConfig(), 0.9, torch.device(DEVICE)).step_on_device(1e-2, loss)
+
+
+def test_step_on_device_reads_no_value_back_to_the_host():
+    # On CUDA a value read on the host (.item(), a 0-d tensor taken as a Python scalar) makes the
+    # host wait for the GPU every step; on the CPU it shows as aten._local_scalar_dense. The Python
+    # arg parser once turned the step-count increment into one (H100 profile, 2026-11-27).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sfd_scale.config import ModelConfig, OptimConfig
+    from sfd_scale.models.lightningdit import build_model
+    from sfd_scale.parallel.engine import LocalEngine
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    cfg = ModelConfig(size="custom", depth=1, hidden_size=32, num_heads=2, input_size=4, in_channels=6,
+                      semantic_channels=2, num_classes=5, repa_depth=0)
+    engine = LocalEngine(build_model(cfg).eval(), OptimConfig(lr=1e-2, fused_ema=True), 0.9, torch.device(DEVICE))
+    x, t = torch.randn(2, 6, 4, 4, device=DEVICE), torch.rand(2, device=DEVICE)
+    for _ in range(2):  # the first step also creates the optimizer state
+        engine.zero_grad()
+        loss = engine.model(x, t, t, torch.tensor([1, 3], device=DEVICE)).square().mean()
+        engine.backward(loss)
+        with HostReads() as mode:
+            engine.step_on_device(1e-2, loss.detach())
+    assert mode.reads == []
 
 
 def test_one_launch_updates_every_tensor_of_a_group_block_by_block(monkeypatch):

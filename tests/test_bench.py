@@ -18,7 +18,7 @@ from sfd_scale.bench import (
     synthetic_batch,
 )
 from sfd_scale.config import ModelConfig
-from sfd_scale.profile_step import category, format_profile, profile_training_step
+from sfd_scale.profile_step import category, format_profile, idle_gaps, profile_training_step
 from fixtures import TINY_MODEL_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +119,29 @@ def test_profile_sums_operator_time_by_category_and_name():
     assert "| matmul |" in text and "aten::mm" in text
 
 
+def test_idle_gaps_are_attributed_to_the_launching_thread_and_the_next_kernel():
+    # Two steps; kernels on two streams overlap (no gap there). Times in microseconds.
+    kernels = [(0, 100, "gemm"), (50, 120, "copy"), (170, 200, "adamw"),   # gap 120-170: 50 us
+               (205, 300, "gemm"), (305, 400, "relu"), (500, 600, "adamw")]  # 5 us gaps (too short), 100 us
+    host = [(0, 2000, "step", 1), (110, 180, "Optimizer.step", 1), (140, 160, "aten::_local_scalar_dense", 1),
+            (140, 160, "pread", 2), (390, 510, "Optimizer.step", 1),
+            (0, 1, "cudaLaunchKernel", 1), (2, 3, "cudaLaunchKernel", 1), (0, 1, "cudaMemcpyAsync", 2)]
+    idle = idle_gaps(kernels, host, steps=2, min_gap_us=10)
+    assert idle["s_per_step"] == pytest.approx(150e-6 / 2) and idle["gaps_per_step"] == 1.0
+    by_host = {row["name"]: row for row in idle["by_host_op"]}
+    # Thread 2 (a reader) also runs during the first gap; the launching thread 1 is the one reported.
+    assert by_host == {"aten::_local_scalar_dense": {"name": "aten::_local_scalar_dense", "s_per_step": 25e-6,
+                                                     "gaps_per_step": 0.5},
+                       "Optimizer.step": {"name": "Optimizer.step", "s_per_step": 50e-6, "gaps_per_step": 0.5}}
+    assert [row["name"] for row in idle["before_kernel"]] == ["adamw"]
+    assert idle["before_kernel"][0]["s_per_step"] == pytest.approx(75e-6)
+    report = {"steps": 2, "clock": "device", "wall_s_per_step": 1e-3, "busy_s_per_step": 5e-4,
+              "categories": {"matmul": 5e-4}, "top": [], "idle": idle}
+    text = format_profile(report)
+    assert "GPU idle between kernels: 0.07 ms/step in 1 gaps" in text
+    assert "| aten::_local_scalar_dense | 0.025 | 0.5 |" in text and "| adamw | 0.075 | 1.0 |" in text
+
+
 @pytest.mark.parametrize("name,expected", [
     ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "attention"),
@@ -166,7 +189,7 @@ def test_launcher_sync_free_step_needs_the_fused_optimizer(tmp_path):
 def test_trainer_benchmark_times_both_loops_through_the_loader(tmp_path):
     out = tmp_path / "trainer.json"
     args = [*TINY_MODEL_ARGS, "--set", "train.device=cpu", "--batch-size", "4", "--warmup", "1", "--steps", "3",
-            "--samples", "24", "--work-dir", str(tmp_path / "work"), "--json", str(out)]
+            "--samples", "24", "--work-dir", str(tmp_path / "work"), "--profile-steps", "2", "--json", str(out)]
     done = subprocess.run([sys.executable, "launchers/bench_trainer.py", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -177,6 +200,8 @@ def test_trainer_benchmark_times_both_loops_through_the_loader(tmp_path):
     assert report["async_speedup"] == pytest.approx(report["runs"][1]["images_per_s"] / report["runs"][0]["images_per_s"])
     assert len(list((tmp_path / "work" / "shards").glob("*.safetensors"))) == 2
     assert "| async metrics |" in done.stdout
+    assert "profile" not in report["runs"][0] and report["runs"][1]["profile"]["steps"] == 2  # the async loop's
+    assert "profile over 2 step(s)" in done.stdout
 
 
 @pytest.mark.distributed
