@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import json
 import time
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def time_trainer(cfg: SFDConfig, run_dir: Path, dims: ParallelDims, warmup_steps
     _train_on(trainer, steps)
     _synchronize(device)
     seconds = float(distributed.all_reduce(torch.tensor([time.perf_counter() - start]), op="max")[0])
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    # The loop's last log row holds the window's peak: logging resets the peak counter after reading it.
+    peak = _logged_peak_gib(run_dir) if device.type == "cuda" and dims.is_main else None
     profile = (profile_training_step(functools.partial(_train_on, trainer, profile_steps), device, profile_steps,
                                      steps_per_call=profile_steps) if profile_steps else None)
     del trainer
@@ -100,7 +102,7 @@ def format_trainer_report(report: dict) -> str:
     lines = [f"{report['device']}, torch {report['torch']}, {report['model']}, engine {report['engine']} x "
              f"{report['world_size']}, batch {report['batch_per_rank']} per rank ({report['global_batch']} global), "
              f"compile {report['compile']} ({report['compile_mode']}), fused AdamW+EMA {report['fused_ema']}",
-             "| loop | images/s (all ranks) | s/step | host syncs/step (rank 0) | peak GiB |", "|---|---|---|---|---|"]
+             "| loop | images/s (all ranks) | s/step | host syncs/step (rank 0) | peak GiB (rank 0) |", "|---|---|---|---|---|"]
     for run in report["runs"]:
         syncs = "-" if run["host_syncs_per_step"] is None else f"{run['host_syncs_per_step']:g}"
         peak = "-" if run["peak_mem_gib"] is None else f"{run['peak_mem_gib']:.1f}"
@@ -112,6 +114,12 @@ def format_trainer_report(report: dict) -> str:
     if report["async_speedup"] is not None:
         lines.append(f"async / synchronous: {report['async_speedup']:.3f}x images/s")
     return "\n".join(lines)
+
+
+def _logged_peak_gib(run_dir: Path) -> float | None:
+    """Rank 0's device-memory peak of the last logged window (`logging.memory_metrics`)."""
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(rows[-1]).get("mem_device_peak_gib") if rows else None
 
 
 def _train_on(trainer: Trainer, steps: int) -> None:

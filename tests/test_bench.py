@@ -204,6 +204,16 @@ def test_trainer_benchmark_times_both_loops_through_the_loader(tmp_path):
     assert "profile over 2 step(s)" in done.stdout
 
 
+def test_trainer_benchmark_reads_the_peak_of_the_timed_window_from_the_log(tmp_path):
+    # Logging resets CUDA's peak counter after each row, so after the loop the counter holds only
+    # what is still allocated; the window's peak is in the loop's last row.
+    from sfd_scale.trainer_bench import _logged_peak_gib
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "mem_device_peak_gib": 31.5}\n'
+                                            '{"step": 25, "mem_device_peak_gib": 29.25}\n')
+    assert _logged_peak_gib(tmp_path) == 29.25
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("engine, loops", [("fsdp2", [False, True]), ("deepspeed", [False])])
 def test_trainer_benchmark_runs_the_configured_engine_on_two_ranks(tmp_path, engine, loops):
