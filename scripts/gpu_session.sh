@@ -86,7 +86,7 @@ run_named() {
       --json "$OUT/xxl_eager_fused.json" ;;
     ac_ops) step ac_ops_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing ops --no-baseline --json "$OUT/xxl_ac_ops.json" ;;
     ac_blocks) step ac_full_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing full --no-baseline --json "$OUT/xxl_ac_blocks.json" ;;
-    kernel_tests) step kernel_and_async_tests 90 $PY -m pytest -q -x -p no:cacheprovider -m "not distributed" \
+    kernel_tests) step kernel_and_async_tests 90 $PY -m pytest -q -p no:cacheprovider -m "not distributed" \
       tests/test_kernels.py tests/test_adamw_ema.py tests/test_async_metrics.py tests/test_bf16_weights.py ;;
     reference) step reference_as_shipped 100 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
     reference_tuned) step reference_plain_tuning 60 $PY .peer/peer_bench.py step --batch 32 --ema foreach --fused-adam ;;
