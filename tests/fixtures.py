@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sfd_scale.config import SFDConfig, from_dict
 from sfd_scale.data.shards import RunningStats, shard_name, write_shard, write_stats
@@ -59,6 +60,20 @@ def tiny_sfd_config(data_dir: Path, **sections) -> SFDConfig:
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return from_dict(SFDConfig, data, "tiny test config")
+
+
+class HostReads(TorchDispatchMode):
+    """Records every value read back to the host (`.item()`, `bool(t)`, a 0-d tensor taken as a Python
+    scalar): aten._local_scalar_dense, which on CUDA makes the host wait for the GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(autouse=True, scope="module")

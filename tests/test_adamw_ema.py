@@ -227,21 +227,10 @@ def test_step_on_device_reads_no_value_back_to_the_host():
     # On CUDA a value read on the host (.item(), a 0-d tensor taken as a Python scalar) makes the
     # host wait for the GPU every step; on the CPU it shows as aten._local_scalar_dense. The Python
     # arg parser once turned the step-count increment into one (H100 profile, 2026-11-27).
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    from fixtures import HostReads
     from sfd_scale.config import ModelConfig, OptimConfig
     from sfd_scale.models.lightningdit import build_model
     from sfd_scale.parallel.engine import LocalEngine
-
-    class HostReads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.reads = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                self.reads.append(func)
-            return func(*args, **(kwargs or {}))
 
     cfg = ModelConfig(size="custom", depth=1, hidden_size=32, num_heads=2, input_size=4, in_channels=6,
                       semantic_channels=2, num_classes=5, repa_depth=0)
@@ -253,7 +242,7 @@ def test_step_on_device_reads_no_value_back_to_the_host():
         engine.backward(loss)
         with HostReads() as mode:
             engine.step_on_device(1e-2, loss.detach())
-    assert mode.reads == []
+    assert mode.reads == 0
 
 
 def test_one_launch_updates_every_tensor_of_a_group_block_by_block(monkeypatch):

@@ -17,7 +17,7 @@ import yaml
 
 from dist_worker import launch, read_losses
 from fault_worker import assert_identical
-from fixtures import tiny_sfd_config, triton_interpreter_without_gpu, write_latent_folder  # noqa: F401
+from fixtures import HostReads, tiny_sfd_config, triton_interpreter_without_gpu, write_latent_folder  # noqa: F401
 from sfd_scale.config import to_dict
 from sfd_scale.parallel.dims import ParallelDims, check_config_fits
 from sfd_scale.train.checkpoint import read_state
@@ -92,6 +92,21 @@ def test_each_step_is_read_after_the_next_is_queued_except_where_it_logs_or_chec
     trainer.fit(6)
     assert events == ["queue 1", "queue 2", "read 1", "queue 3", "read 2", "read 3",
                       "queue 4", "queue 5", "read 4", "queue 6", "read 5", "read 6"]
+
+
+def test_queueing_a_step_reads_no_value_back_to_the_host(tmp_path, data_dir):
+    # With async metrics nothing between taking a batch and queueing the optimizer may wait for the
+    # GPU: loader, loss draws, forward, backward, clip, fused step, metric copies. Spike detection
+    # on, so its on-device loss average is queued too.
+    trainer = Trainer(_config(data_dir, True, train={"log_every": 100, "ckpt_every": 0},
+                              guard={"spike_factor": 3.0, "spike_window": 2}), tmp_path / "run")
+    assert trainer.guard.watches_spikes
+    trainer.fit(2)  # optimizer state and caches exist
+    for _ in range(2):
+        with HostReads() as mode:
+            launched = trainer._launch()
+        assert mode.reads == 0
+        trainer._finish(launched)
 
 
 def test_the_guard_judges_one_step_late_and_its_rollback_discards_the_step_run_meanwhile(
