@@ -21,7 +21,7 @@ from sfd_scale.atomic import atomic_write_bytes
 from sfd_scale.bench import bench_config
 from sfd_scale.logging import get_logger
 from sfd_scale.parallel import distributed
-from sfd_scale.trainer_bench import format_trainer_report, run_trainer_benchmark
+from sfd_scale.trainer_bench import LOOPS, format_trainer_report, run_trainer_benchmark
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=1024, help="synthetic samples in the shards")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_trainer"),
                         help="shards (kept for the next run) and the runs' logs")
+    parser.add_argument("--loops", choices=LOOPS, default="both",
+                        help="the loop modes to time (both: synchronous and async metrics, where the engine has them)")
+    parser.add_argument("--resident-batch", action="store_true",
+                        help="train on one batch kept on the device, as bench.py does: the difference to a run "
+                             "with the loader is the loader's cost")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="then profile this many steps of the last loop mode: where the time goes, where the GPU idles")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON")
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     get_logger()
     cfg = bench_config(args.config, args.overrides)
     report = run_trainer_benchmark(cfg, args.batch_size, args.warmup, args.steps, args.samples, args.work_dir,
-                                   args.profile_steps)
+                                   args.profile_steps, args.loops, args.resident_batch)
     if distributed.rank() == 0:
         print(format_trainer_report(report))
         if args.json:

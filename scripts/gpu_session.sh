@@ -123,6 +123,9 @@ run_named() {
     trainer) step trainer_loop_sync_vs_async 150 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
       --set model.compile_mode=reduce-overhead --set optim.bf16_weights=true --batch-size 32 --warmup 5 --steps 20 \
       --profile-steps 4 --work-dir /tmp/trainer_bench --json "$OUT/trainer.json" ;;
+    trainer_resident) step trainer_loop_async_resident_batch 100 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
+      --set model.compile_mode=reduce-overhead --set optim.bf16_weights=true --batch-size 32 --warmup 5 --steps 20 \
+      --loops async --resident-batch --profile-steps 4 --work-dir /tmp/trainer_bench --json "$OUT/trainer_resident.json" ;;
     encode) step extraction_encoders 90 $PY launchers/bench_data.py --encode --device cuda --batch-size 64 \
       --seconds 10 --json "$OUT/encode.json" ;;
     dali) step dali_vs_pil_decoding 120 bash -c "$PY scripts/sample_jpegs.py /tmp/jpegs 512 && \
@@ -138,11 +141,12 @@ STEPS=("$@")
 # What the session most needs first (after the H100 call of 2026-11-27): the reference and its plain
 # tuning on this card; our fastest step with the reference's numbers (weights: CUDA graphs, fused
 # optimizer, no host sync, bf16 weight copies; profiled, with where the GPU idles); the real trainer
-# loop, profiled (it ran 46 ms a step slower than the step alone); the same step with a bf16 residual
+# loop, profiled (it ran 46 ms a step slower than the step alone), then on one device-resident batch
+# (no loader: what is the loader's); the same step with a bf16 residual
 # stream; FP8 tensorwise and rowwise with a bf16 weight gradient (rowwise lost 26 ms to its casts);
 # the kernel tests; the loss curves of the bf16 residual and FP8 tensorwise against bf16; then the
 # rows that attribute the gains.
-(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned weights trainer weights_residual best_tensorwise best_gw_hp kernel_tests
+(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned weights trainer trainer_resident weights_residual best_tensorwise best_gw_hp kernel_tests
   fp8_curve tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
   ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
@@ -165,8 +169,10 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("xxl_*.json")):
             print(f"  idle {idle['s_per_step']*1e3:.1f} ms/step; host doing: "
                   + ", ".join(f"{row['name'][:40]} {row['s_per_step']*1e3:.1f}" for row in idle["by_host_op"][:4]))
 PYEOF
-[ -f "$OUT/trainer.json" ] && $PY -c 'import json, sys; from sfd_scale.trainer_bench import format_trainer_report as f; print(f(json.load(open(sys.argv[1]))))' \
-  "$OUT/trainer.json" >> "$OUT/summary.txt"
+for report in "$OUT"/trainer*.json; do
+  [ -f "$report" ] && $PY -c 'import json, sys; from sfd_scale.trainer_bench import format_trainer_report as f; print(f(json.load(open(sys.argv[1]))))' \
+    "$report" >> "$OUT/summary.txt"
+done
 [ -f "$OUT/fp8_curve.json" ] && $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); print("fp8 curve:", r["against_reference"])' \
   "$OUT/fp8_curve.json" >> "$OUT/summary.txt"
 grep -h '"what"\|^| clip + AdamW\|^| fused kernel' "$LOG" >> "$OUT/summary.txt"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import itertools
 import json
 import time
 from pathlib import Path
@@ -40,12 +41,16 @@ def bench_run_config(cfg: SFDConfig, data_dir: Path, rank_batch: int, dims: Para
 
 
 def time_trainer(cfg: SFDConfig, run_dir: Path, dims: ParallelDims, warmup_steps: int, steps: int,
-                 profile_steps: int = 0) -> dict:
+                 profile_steps: int = 0, resident_batch: bool = False) -> dict:
     """Images/s of `steps` trainer steps after `warmup_steps` (all ranks), rank 0's host syncs
     over two steps, and with `profile_steps` a profile of that many more steps in one stretch of
-    the loop (`sfd_scale.profile_step`: where the time goes, and where the GPU sat idle)."""
+    the loop (`sfd_scale.profile_step`: where the time goes, and where the GPU sat idle). With
+    `resident_batch` the loop trains on its first batch over and over, already on the device, as
+    `launchers/bench.py` does: the difference to a run with the loader is the loader's cost."""
     trainer = Trainer(cfg, run_dir, dims=dims)
     device = trainer.device
+    if resident_batch:
+        trainer.batches = itertools.repeat(next(trainer.batches))
     _train_on(trainer, warmup_steps)
     syncs = count_host_syncs(functools.partial(_train_on, trainer, 2), device)
     _synchronize(device)
@@ -71,11 +76,18 @@ def time_trainer(cfg: SFDConfig, run_dir: Path, dims: ParallelDims, warmup_steps
             **({"profile": profile} if profile is not None else {})}
 
 
+LOOPS = ("both", "sync", "async")
+"""Which loop modes to time: both (where the engine has async metrics), or one of them."""
+
+
 def run_trainer_benchmark(cfg: SFDConfig, rank_batch: int, warmup_steps: int, steps: int, samples: int,
-                          work_dir: Path, profile_steps: int = 0) -> dict:
-    """The loop modes the configured engine has, on the same shards (`samples` samples of the
-    model's shapes, written once under `work_dir` by rank 0); every rank calls this. The last
-    mode (async metrics where the engine has them) is also profiled over `profile_steps` steps."""
+                          work_dir: Path, profile_steps: int = 0, loops: str = "both",
+                          resident_batch: bool = False) -> dict:
+    """The loop modes asked for that the configured engine has, on the same shards (`samples`
+    samples of the model's shapes, written once under `work_dir` by rank 0); every rank calls
+    this. The last mode timed is also profiled over `profile_steps` steps."""
+    if loops not in LOOPS:
+        raise ValueError(f"loops={loops!r}: choose one of {', '.join(LOOPS)}")
     dims = ParallelDims.from_env(tp=cfg.parallel.tensor_parallel)
     device = resolve_device(cfg.train.device, dims.local_rank)
     if dims.world_size > 1:
@@ -87,21 +99,26 @@ def run_trainer_benchmark(cfg: SFDConfig, rank_batch: int, warmup_steps: int, st
         semantic_channels=cfg.model.semantic_channels, dino_channels=cfg.model.repa_feature_dim,
         latent_size=cfg.model.input_size, num_classes=cfg.model.num_classes))
     fused = has_fused_optimizer(cfg.parallel)
-    modes = (False, True) if fused else (False,)
+    if loops == "async" and not fused:
+        raise ValueError(f"parallel.engine={cfg.parallel.engine!r} has no async metrics loop (it needs the fused "
+                         "optimizer): time --loops sync or both")
+    modes = {"both": (False, True) if fused else (False,), "sync": (False,), "async": (True,)}[loops]
     runs = [time_trainer(bench_run_config(cfg, shard_dir, rank_batch, dims, mode), work_dir / f"run-{mode}",
-                         dims, warmup_steps, steps, profile_steps if mode == modes[-1] else 0) for mode in modes]
+                         dims, warmup_steps, steps, profile_steps if mode == modes[-1] else 0, resident_batch)
+            for mode in modes]
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "model": cfg.model.size, "compile": cfg.model.compile,
             "compile_mode": cfg.model.compile_mode, "engine": cfg.parallel.engine, "world_size": dims.world_size,
             "batch_per_rank": rank_batch, "global_batch": rank_batch * dims.dp, "warmup_steps": warmup_steps,
-            "fused_ema": fused, "runs": runs,
-            "async_speedup": runs[1]["images_per_s"] / runs[0]["images_per_s"] if fused else None}
+            "fused_ema": fused, "resident_batch": resident_batch, "runs": runs,
+            "async_speedup": runs[1]["images_per_s"] / runs[0]["images_per_s"] if len(runs) == 2 else None}
 
 
 def format_trainer_report(report: dict) -> str:
     lines = [f"{report['device']}, torch {report['torch']}, {report['model']}, engine {report['engine']} x "
              f"{report['world_size']}, batch {report['batch_per_rank']} per rank ({report['global_batch']} global), "
-             f"compile {report['compile']} ({report['compile_mode']}), fused AdamW+EMA {report['fused_ema']}",
+             f"compile {report['compile']} ({report['compile_mode']}), fused AdamW+EMA {report['fused_ema']}"
+             + (", one batch resident on the device (no loader)" if report.get("resident_batch") else ""),
              "| loop | images/s (all ranks) | s/step | host syncs/step (rank 0) | peak GiB (rank 0) |", "|---|---|---|---|---|"]
     for run in report["runs"]:
         syncs = "-" if run["host_syncs_per_step"] is None else f"{run['host_syncs_per_step']:g}"

@@ -204,6 +204,29 @@ def test_trainer_benchmark_times_both_loops_through_the_loader(tmp_path):
     assert "profile over 2 step(s)" in done.stdout
 
 
+def test_trainer_benchmark_times_one_loop_on_a_resident_batch(tmp_path, monkeypatch):
+    # Without the loader (one batch kept on the device, as bench.py trains) the loop must not
+    # read the shards again after its first batch.
+    from sfd_scale.bench import bench_config
+    from sfd_scale.data.loader import LatentShardDataset
+    from sfd_scale.trainer_bench import run_trainer_benchmark
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = bench_config(None, TINY_MODEL_ARGS[1::2] + [f"train.device={device}", "optim.fused_ema=true"])
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # before the fused kernel's module is first imported
+    reads = []
+    gather = LatentShardDataset.gather_into
+    monkeypatch.setattr(LatentShardDataset, "gather_into", lambda self, *a: reads.append(1) or gather(self, *a))
+    report = run_trainer_benchmark(cfg, rank_batch=4, warmup_steps=1, steps=3, samples=24, work_dir=tmp_path,
+                                   loops="async", resident_batch=True)
+    assert [r["async_metrics"] for r in report["runs"]] == [True] and report["async_speedup"] is None
+    assert report["resident_batch"] is True and report["runs"][0]["images_per_s"] > 0
+    assert len(reads) <= 1 + 2  # the first batch, and at most the loader's read-ahead (prefetch 2)
+    with pytest.raises(ValueError, match="loops='fast'"):
+        run_trainer_benchmark(cfg, 4, 1, 3, 24, tmp_path, loops="fast")
+
+
 def test_trainer_benchmark_reads_the_peak_of_the_timed_window_from_the_log(tmp_path):
     # Logging resets CUDA's peak counter after each row, so after the loop the counter holds only
     # what is still allocated; the window's peak is in the loop's last row.
