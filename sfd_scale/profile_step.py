@@ -10,8 +10,10 @@ CPU the operators' own (self) CPU time is summed instead, which is what tests ca
 """
 from __future__ import annotations
 
+import os
 import re
 import time
+import traceback
 from collections.abc import Sequence
 import warnings
 from collections import Counter, defaultdict
@@ -161,13 +163,43 @@ def count_host_syncs(step: Callable[[], object], device: torch.device, sites: in
     most frequent first; None off CUDA, where nothing is asynchronous."""
     if device.type != "cuda":
         return None
-    with warnings.catch_warnings(record=True) as caught:
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        stacks = sync_warning_stacks(step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    where = Counter(sync_site(stack) for stack in stacks)
+    return {"count": len(stacks), "sites": [f"{site} (x{n})" for site, n in where.most_common(sites)]}
+
+
+def sync_warning_stacks(step: Callable[[], object]) -> list[traceback.StackSummary]:
+    """Run `step`; the Python stack at each warning about a synchronising CUDA call it raised.
+    Warnings come from C++ on the calling thread, so the stack at `showwarning` is the caller's."""
+    stacks: list[traceback.StackSummary] = []
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" in str(message):
+            stack = traceback.extract_stack()[:-1]
+            while stack and stack[-1].filename == warnings.__file__:  # the warnings module's own frames
+                stack.pop()
+            stacks.append(stack)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    where = Counter(f"{w.filename}:{w.lineno}" for w in syncs)
-    return {"count": len(syncs), "sites": [f"{site} (x{n})" for site, n in where.most_common(sites)]}
+        warnings.showwarning = record
+        step()
+    return stacks
+
+
+def sync_site(stack: traceback.StackSummary, library: str = f"site-packages{os.sep}torch{os.sep}") -> str:
+    """Where a synchronising call came from: the innermost frame, and when that is inside torch
+    (torch.cuda.synchronize called by CUDA-graph bookkeeping, say) also the torch frame that
+    called it and the nearest frame outside torch, innermost first."""
+    frames = [f"{frame.filename}:{frame.lineno}" for frame in stack]
+    if library not in stack[-1].filename:
+        return frames[-1]
+    outside = next((i for i in range(len(stack) - 1, -1, -1) if library not in stack[i].filename), None)
+    chain = [frames[-1]] + ([frames[-2]] if len(stack) > 1 and library in stack[-2].filename else [])
+    if outside is not None:
+        chain.append(frames[outside])
+    return " < ".join(chain)

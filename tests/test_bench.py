@@ -18,7 +18,8 @@ from sfd_scale.bench import (
     synthetic_batch,
 )
 from sfd_scale.config import ModelConfig
-from sfd_scale.profile_step import category, format_profile, idle_gaps, profile_training_step
+from sfd_scale.profile_step import (category, format_profile, idle_gaps, profile_training_step, sync_site,
+                                    sync_warning_stacks)
 from fixtures import TINY_MODEL_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +141,31 @@ def test_idle_gaps_are_attributed_to_the_launching_thread_and_the_next_kernel():
     text = format_profile(report)
     assert "GPU idle between kernels: 0.07 ms/step in 1 gaps" in text
     assert "| aten::_local_scalar_dense | 0.025 | 0.5 |" in text and "| adamw | 0.075 | 1.0 |" in text
+
+
+def test_sync_sites_name_the_caller_when_the_sync_is_inside_torch():
+    import traceback
+    import warnings
+
+    def frame(path, line):
+        return traceback.FrameSummary(path, line, "f")
+
+    ours = frame("/w/sfd_scale/bench.py", 281)
+    sync = frame("/v/site-packages/torch/cuda/__init__.py", 1270)
+    trees = frame("/v/site-packages/torch/_inductor/cudagraph_trees.py", 2411)
+    dynamo = frame("/v/site-packages/torch/_dynamo/eval_frame.py", 10)
+    assert sync_site(traceback.StackSummary.from_list([ours, dynamo, trees, sync])) == \
+        "/v/site-packages/torch/cuda/__init__.py:1270 < /v/site-packages/torch/_inductor/cudagraph_trees.py:2411" \
+        " < /w/sfd_scale/bench.py:281"
+    assert sync_site(traceback.StackSummary.from_list([ours])) == "/w/sfd_scale/bench.py:281"
+
+    def optimizer_step():
+        warnings.warn("called a synchronizing CUDA operation")  # what the sync debug mode says
+        warnings.warn("something else")
+
+    stacks = sync_warning_stacks(optimizer_step)
+    assert len(stacks) == 1 and stacks[0][-1].name == "optimizer_step"
+    assert sync_site(stacks[0]).endswith(f"test_bench.py:{stacks[0][-1].lineno}")
 
 
 @pytest.mark.parametrize("name,expected", [
