@@ -159,6 +159,8 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("xxl_*.json")):
     for run in [r] + ([r["baseline"]] if "baseline" in r else []):
         print(f"{path.stem:22s} {run['label']:12s} {run.get('compile_mode', '-'):16s} fp8 {run.get('fp8', 'none'):10s} residual {run.get('residual', 'fp32')} {run['images_per_s']:7.1f} img/s {run['step_s_median']*1e3:7.1f} ms "
               f"{run['tflops_per_s']:6.1f} TFLOP/s MFU {run['mfu']['vs_measured_ceiling']:.1%} peak {run['peak_mem_gib'] or 0:.1f} GiB")
+    if "images_per_s_back_to_back" in r:
+        print(f"  back to back: {r['images_per_s_back_to_back']:.1f} img/s, {r['step_s_back_to_back']*1e3:.1f} ms/step")
     if r.get("host_syncs"):
         print(f"  host syncs/step: {r['host_syncs']['count']} at {', '.join(r['host_syncs']['sites'][:4])}")
     if "profile" in r:

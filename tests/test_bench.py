@@ -84,6 +84,7 @@ def test_launcher_times_the_step_and_writes_the_json(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| configured | sdpa | none | no |" in done.stdout and "| plain eager |" in done.stdout
+    assert "configured: 3 steps back to back (no wait between them)" in done.stdout
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["batch_size"] == 4 and report["precision"] == "float32"
     assert report["step_tflop"] * 1e12 == count_step_flops(tiny_model(), 4, with_repa=True)
@@ -92,6 +93,8 @@ def test_launcher_times_the_step_and_writes_the_json(tmp_path):
         assert len(run["step_s_all"]) == 3 and run["peak_mem_gib"] is None
         assert run["step_s_median"] == sorted(run["step_s_all"])[1]
         assert run["images_per_s"] == pytest.approx(4 / run["step_s_median"])
+        assert run["images_per_s_back_to_back"] == pytest.approx(4 / run["step_s_back_to_back"]) and \
+            run["step_s_back_to_back"] > 0
         assert run["tflops_per_s"] == pytest.approx(report["step_tflop"] / run["step_s_median"])
         assert run["mfu"]["vs_measured_ceiling"] == pytest.approx(
             run["tflops_per_s"] / report["matmul_ceiling_tflops_per_s"])
