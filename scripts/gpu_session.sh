@@ -87,7 +87,8 @@ run_named() {
     ac_ops) step ac_ops_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing ops --no-baseline --json "$OUT/xxl_ac_ops.json" ;;
     ac_blocks) step ac_full_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing full --no-baseline --json "$OUT/xxl_ac_blocks.json" ;;
     kernel_tests) step kernel_and_async_tests 90 $PY -m pytest -q -p no:cacheprovider -m "not distributed" \
-      tests/test_kernels.py tests/test_adamw_ema.py tests/test_async_metrics.py tests/test_bf16_weights.py ;;
+      tests/test_kernels.py tests/test_adamw_ema.py tests/test_async_metrics.py tests/test_bf16_weights.py \
+      tests/test_fast_paths.py ;;
     reference) step reference_as_shipped 100 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
     reference_tuned) step reference_plain_tuning 60 $PY .peer/peer_bench.py step --batch 32 --ema foreach --fused-adam ;;
     model) step model_compile 180 $PY "${XXL[@]}" --compile model --no-baseline --json "$OUT/xxl_model.json" ;;
@@ -107,6 +108,9 @@ run_named() {
     best_gw_hp) step best_fp8_rowwise_gw_hp 105 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --fp8 rowwise_with_gw_hp --no-baseline \
       --profile-steps 3 --json "$OUT/xxl_best_fp8_rowwise_gw_hp.json" ;;
+    attn_flash) step sync_free_bf16_weights_sdpa_flash 85 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
+      --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --attention sdpa_flash --no-baseline \
+      --profile-steps 3 --json "$OUT/xxl_bf16_weights_sdpa_flash.json" ;;
     best_all) step best_fp8_bf16_weights_bf16_residual 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --fp8 rowwise --residual bf16 --no-baseline \
       --profile-steps 3 --json "$OUT/xxl_best_all.json" ;;
@@ -144,9 +148,10 @@ STEPS=("$@")
 # loop, profiled (it ran 46 ms a step slower than the step alone), then on one device-resident batch
 # (no loader: what is the loader's); the same step with a bf16 residual
 # stream; FP8 tensorwise and rowwise with a bf16 weight gradient (rowwise lost 26 ms to its casts);
+# SDPA's flash kernel against the cuDNN one it picks (6.1 ms of attention on the H100);
 # the kernel tests; the loss curves of the bf16 residual and FP8 tensorwise against bf16; then the
 # rows that attribute the gains.
-(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned weights trainer trainer_resident weights_residual best_tensorwise best_gw_hp kernel_tests
+(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned weights trainer trainer_resident weights_residual best_tensorwise best_gw_hp attn_flash kernel_tests
   fp8_curve tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
   ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done

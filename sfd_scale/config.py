@@ -55,7 +55,7 @@ class ModelConfig:
     repa_projector_dim: int = 2048
     repa_feature_dim: int = 768
     """Width of the REPA target (DINOv2 ViT-B/14: 768)."""
-    attention: Literal["auto", "flash3", "flash2", "xformers", "sdpa", "math"] = "auto"
+    attention: Literal["auto", "flash3", "flash2", "xformers", "sdpa", "math", "sdpa_flash", "sdpa_cudnn"] = "auto"
     """Attention kernel; 'auto' picks the fastest available at start-up (logged once)."""
     fused_kernels: bool = False
     """Triton kernels for RMSNorm+AdaLN modulate, SwiGLU and 2-D RoPE (GPU; same numbers)."""

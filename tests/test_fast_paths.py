@@ -36,8 +36,8 @@ def _qkv(dtype=torch.float32, seed=0):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", fast_paths.available_attention())
 def test_every_available_backend_equals_math_attention(name):
-    device = "cuda" if name in fast_paths.FUSED_ATTENTION else "cpu"
-    dtype = torch.bfloat16 if name in ("flash3", "flash2") else torch.float32
+    device = "cuda" if name in fast_paths.FUSED_ATTENTION + fast_paths.SDPA_KERNELS else "cpu"
+    dtype = torch.bfloat16 if name in ("flash3", "flash2", *fast_paths.SDPA_KERNELS) else torch.float32
     q, k, v = (t.detach().to(device).requires_grad_() for t in _qkv(dtype))
     _, attend = resolve_attention(name)
     out, want = attend(q, k, v), attention_math(q, k, v)
@@ -47,6 +47,15 @@ def test_every_available_backend_equals_math_attention(name):
     got, exp = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)
     for g, e in zip(got, exp):
         torch.testing.assert_close(g, e, **tol)
+
+
+def test_the_config_accepts_every_attention_backend_and_only_those():
+    import typing
+
+    from sfd_scale.config import ModelConfig
+
+    accepted = typing.get_args(typing.get_type_hints(ModelConfig)["attention"])
+    assert sorted(accepted) == sorted(fast_paths.ATTENTION_NAMES)
 
 
 def test_auto_prefers_flash3_then_flash2_then_xformers_then_sdpa():
@@ -63,7 +72,9 @@ def test_cpu_has_only_the_plain_backends_and_refuses_fused_names():
     assert resolve_attention("auto")[0] == "sdpa"
     with pytest.raises(ValueError, match=r"model.attention='flash2' cannot run here"):
         resolve_attention("flash2")
-    with pytest.raises(ValueError, match=r"unknown backend 'flash4'.*flash3, flash2, xformers, sdpa, math"):
+    with pytest.raises(ValueError, match=r"model.attention='sdpa_flash' cannot run here \(it needs CUDA on an Ampere"):
+        resolve_attention("sdpa_flash")
+    with pytest.raises(ValueError, match=r"unknown backend 'flash4'.*flash3, flash2, xformers, sdpa_flash, sdpa_cudnn"):
         resolve_attention("flash4")
 
 

@@ -41,6 +41,8 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 FUSED_ATTENTION = ("flash3", "flash2", "xformers")
 """Optional CUDA backends, fastest first: the order 'auto' tries them in."""
+SDPA_KERNELS = ("sdpa_flash", "sdpa_cudnn")
+"""One of SDPA's own CUDA kernels by name ('sdpa' lets PyTorch choose): to compare them on a card."""
 COMPILE_MODES = ("none", "blocks", "model")
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -104,8 +106,35 @@ def attention_xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return _tokens_major("xformers", q, k, v, half_only=False)
 
 
+def _half_or_none(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """q, k, v in the dtype a half-precision kernel computes in; None (after a warning) for fp32."""
+    dtype = _common_dtype(q, k, v)
+    if dtype not in _HALF:
+        _warn_fp32_fallback(backend)
+        return None
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def attention_sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA's FlashAttention 2 kernel (PyTorch's build), whatever SDPA would pick itself."""
+    half = _half_or_none("sdpa_flash", q, k, v)
+    if half is None:
+        return attention_sdpa(q, k, v)
+    return torch.ops.aten._scaled_dot_product_flash_attention(*half)[0]
+
+
+def attention_sdpa_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA's cuDNN kernel (with the log-sum-exp its backward needs)."""
+    half = _half_or_none("sdpa_cudnn", q, k, v)
+    if half is None:
+        return attention_sdpa(q, k, v)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(*half, None, True)[0]
+
+
 ATTENTION: dict[str, AttentionFn] = {"flash3": attention_flash3, "flash2": attention_flash2,
-                                     "xformers": attention_xformers, **PLAIN_ATTENTION}
+                                     "xformers": attention_xformers, "sdpa_flash": attention_sdpa_flash,
+                                     "sdpa_cudnn": attention_sdpa_cudnn, **PLAIN_ATTENTION}
 """Every backend by name ('auto' picks one of them)."""
 ATTENTION_NAMES = ("auto", *ATTENTION)
 
@@ -125,7 +154,8 @@ def available_attention() -> tuple[str, ...]:
     fused = tuple(name for name in FUSED_ATTENTION
                   if capability is not None and _CAPABILITIES[name][0] <= capability <= _CAPABILITIES[name][1]
                   and _kernel(name) is not None)
-    return (*fused, *PLAIN_ATTENTION)
+    sdpa_kernels = SDPA_KERNELS if capability is not None and capability >= (8, 0) else ()
+    return (*fused, *PLAIN_ATTENTION, *sdpa_kernels)
 
 
 def choose_attention(available: Sequence[str]) -> str:
@@ -150,6 +180,9 @@ def resolve_attention(name: str) -> tuple[str, AttentionFn]:
     if name in FUSED_ATTENTION and name not in available_attention():
         raise ValueError(f"model.attention={name!r} cannot run here (it needs CUDA"
                          f"{' on Hopper' if name == 'flash3' else ''} and its package installed); "
+                         f"available: {', '.join(available_attention())}, or use auto")
+    if name in SDPA_KERNELS and name not in available_attention():
+        raise ValueError(f"model.attention={name!r} cannot run here (it needs CUDA on an Ampere or newer GPU); "
                          f"available: {', '.join(available_attention())}, or use auto")
     return name, ATTENTION[name]
 
