@@ -14,9 +14,9 @@ import os
 import re
 import time
 import traceback
-from collections.abc import Sequence
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from typing import Callable
 
 import numpy as np
@@ -101,24 +101,33 @@ HostOp = tuple[float, float, str, int]
 def idle_gaps(kernels: Sequence[Interval], host_ops: Sequence[HostOp], steps: int, min_gap_us: float = 10.0,
               top: int = 8) -> dict:
     """Where the GPU sat idle between its first and last kernel: gaps of at least `min_gap_us`,
-    summed per step by what the launching thread (the one that issued the most `cuda*` runtime
-    calls) was doing at the gap's midpoint (its innermost operator) and by the kernel that ended
-    the gap; the largest `top` of each."""
+    summed per step by the kernel that ended each gap and by what the host thread that launched
+    it (the thread of the last CUDA runtime or driver call before it: the main thread, or
+    autograd's device thread in a backward) was doing at the gap's midpoint (its innermost
+    operator); the largest `top` of each."""
     busy_until, gaps = None, []
     for start, end, name in sorted(kernels):
         if busy_until is not None and start - busy_until >= min_gap_us:
             gaps.append((busy_until, start, name))
         busy_until = end if busy_until is None else max(busy_until, end)
-    launcher = Counter(t for _, _, n, t in host_ops if n.startswith("cuda")).most_common(1)
-    ops = [op for op in host_ops if launcher and op[3] == launcher[0][0]]
-    starts = np.array([op[0] for op in ops], dtype=np.float64)
-    ends = np.array([op[1] for op in ops], dtype=np.float64)
+    launches = sorted((start, thread) for start, _, name, thread in host_ops if name.startswith("cu"))
+    launch_starts = np.array([start for start, _ in launches], dtype=np.float64)
+    per_thread: dict[int, list[HostOp]] = defaultdict(list)
+    for op in host_ops:
+        per_thread[op[3]].append(op)
+    spans = {thread: (np.array([op[0] for op in ops]), np.array([op[1] for op in ops]), [op[2] for op in ops])
+             for thread, ops in per_thread.items()}
     by_host: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     by_next: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for start, end, next_kernel in gaps:
-        mid = (start + end) / 2
-        covering = np.flatnonzero((starts <= mid) & (ends >= mid))
-        host = ops[covering[np.argmin(ends[covering] - starts[covering])]][2] if covering.size else "(no host op)"
+        host = "(no host op)"
+        last_launch = int(np.searchsorted(launch_starts, end, side="right")) - 1
+        if last_launch >= 0:
+            starts, ends, names = spans[launches[last_launch][1]]
+            mid = (start + end) / 2
+            covering = np.flatnonzero((starts <= mid) & (ends >= mid))
+            if covering.size:
+                host = names[covering[np.argmin(ends[covering] - starts[covering])]]
         for table, key in ((by_host, host), (by_next, next_kernel)):
             table[key][0] += end - start
             table[key][1] += 1

@@ -124,25 +124,27 @@ def test_profile_sums_operator_time_by_category_and_name():
 
 
 def test_idle_gaps_are_attributed_to_the_launching_thread_and_the_next_kernel():
-    # Two steps; kernels on two streams overlap (no gap there). Times in microseconds.
-    kernels = [(0, 100, "gemm"), (50, 120, "copy"), (170, 200, "adamw"),   # gap 120-170: 50 us
-               (205, 300, "gemm"), (305, 400, "relu"), (500, 600, "adamw")]  # 5 us gaps (too short), 100 us
+    # Times in microseconds. Kernels on two streams overlap (no gap there); gaps under 10 us do
+    # not count. Thread 1 launches the forward, thread 3 (autograd's device thread) the backward;
+    # thread 2 is a reader that also runs during the first gap.
+    kernels = [(0, 100, "gemm"), (50, 120, "copy"), (170, 200, "adamw"),       # gap 120-170: 50 us
+               (205, 300, "gemm"), (305, 400, "relu"), (500, 600, "adamw"),    # 5 us gaps, then 100 us
+               (680, 700, "gemm_backward")]                                    # gap 600-680: 80 us
     host = [(0, 2000, "step", 1), (110, 180, "Optimizer.step", 1), (140, 160, "aten::_local_scalar_dense", 1),
-            (140, 160, "pread", 2), (390, 510, "Optimizer.step", 1),
-            (0, 1, "cudaLaunchKernel", 1), (2, 3, "cudaLaunchKernel", 1), (0, 1, "cudaMemcpyAsync", 2)]
+            (140, 160, "pread", 2), (390, 510, "Optimizer.step", 1), (0, 1, "cudaLaunchKernel", 1),
+            (2, 3, "cudaLaunchKernel", 1), (0, 1, "cudaMemcpyAsync", 2), (520, 650, "autograd::engine::evaluate", 3),
+            (610, 660, "MulBackward0", 3), (665, 670, "cuLaunchKernel", 3)]
     idle = idle_gaps(kernels, host, steps=2, min_gap_us=10)
-    assert idle["s_per_step"] == pytest.approx(150e-6 / 2) and idle["gaps_per_step"] == 1.0
-    by_host = {row["name"]: row for row in idle["by_host_op"]}
-    # Thread 2 (a reader) also runs during the first gap; the launching thread 1 is the one reported.
-    assert by_host == {"aten::_local_scalar_dense": {"name": "aten::_local_scalar_dense", "s_per_step": 25e-6,
-                                                     "gaps_per_step": 0.5},
-                       "Optimizer.step": {"name": "Optimizer.step", "s_per_step": 50e-6, "gaps_per_step": 0.5}}
-    assert [row["name"] for row in idle["before_kernel"]] == ["adamw"]
+    assert idle["s_per_step"] == pytest.approx(230e-6 / 2) and idle["gaps_per_step"] == 1.5
+    by_host = {row["name"]: (row["s_per_step"], row["gaps_per_step"]) for row in idle["by_host_op"]}
+    assert by_host == {"aten::_local_scalar_dense": (25e-6, 0.5), "Optimizer.step": (50e-6, 0.5),
+                       "MulBackward0": (40e-6, 0.5)}
+    assert [row["name"] for row in idle["before_kernel"]] == ["adamw", "gemm_backward"]
     assert idle["before_kernel"][0]["s_per_step"] == pytest.approx(75e-6)
     report = {"steps": 2, "clock": "device", "wall_s_per_step": 1e-3, "busy_s_per_step": 5e-4,
               "categories": {"matmul": 5e-4}, "top": [], "idle": idle}
     text = format_profile(report)
-    assert "GPU idle between kernels: 0.07 ms/step in 1 gaps" in text
+    assert "GPU idle between kernels: 0.12 ms/step in 2 gaps" in text
     assert "| aten::_local_scalar_dense | 0.025 | 0.5 |" in text and "| adamw | 0.075 | 1.0 |" in text
 
 
