@@ -172,6 +172,10 @@ class TrainConfig:
     """Write a sample grid PNG every this many steps (0: only at the end)."""
     resume: Literal["auto", "never", "must"] = "auto"
     """auto: resume from the latest complete checkpoint if one exists; must: error if none."""
+    gc_every: int = 50
+    """Python's automatic garbage collection is off during training and its young generations
+    are collected every this many steps instead (torchtitan's default), so a collection of the
+    long-lived objects never stalls the host mid-step; 0 leaves Python's collector on."""
     async_metrics: bool = False
     """Read each step's loss, gradient norm and skip flag only after the next step is queued, so
     the host never waits for the GPU inside a step (needs optim.fused_ema: the skip of a

@@ -135,3 +135,28 @@ def test_data_read_mode_changes_nothing_but_how_shards_are_read(tmp_path, data_d
         runs[mode] = trainer
     _assert_same_state(runs["mmap"], runs["pread"])
     assert _losses(tmp_path / "mmap") == _losses(tmp_path / "pread")
+
+
+@pytest.mark.parametrize("every, collected", [(3, [(3, 1), (6, 1)]), (0, [])])
+def test_garbage_is_collected_on_the_loops_schedule(tmp_path, data_dir, monkeypatch, every, collected):
+    import gc
+
+    trainer = Trainer(tiny_sfd_config(data_dir, train={"gc_every": every, "ckpt_every": 0}), tmp_path / "run")
+    automatic = []
+    launch = trainer._launch
+
+    def watched_launch():
+        automatic.append(gc.isenabled())
+        return launch()
+
+    trainer._launch = watched_launch
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append((trainer.step, generation)))
+    trainer.fit(6, final_checkpoint=False)
+    assert automatic == [every == 0] * 6          # off inside the loop unless gc_every is 0
+    assert calls == collected and gc.isenabled()  # young generations on schedule; back on after
+
+
+def test_a_negative_gc_interval_is_refused_by_name(tmp_path, data_dir):
+    with pytest.raises(ValueError, match=r"train.gc_every must be >= 0 .* got -1"):
+        Trainer(tiny_sfd_config(data_dir, train={"gc_every": -1}), tmp_path / "run")

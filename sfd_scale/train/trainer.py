@@ -42,6 +42,7 @@ from sfd_scale.parallel.factory import build_engine
 from sfd_scale.train.checkpoint import CheckpointStore, write_state
 from sfd_scale.train.collective_checkpoint import (check_same_manifest, latest_resumable_step, restore_rank_rng,
                                                    save_collective, save_rank_rng)
+from sfd_scale.train.gc_schedule import ScheduledGC
 from sfd_scale.train.guards import NumericalGuard
 from sfd_scale.train.optim import lr_at
 
@@ -102,6 +103,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.dims = ParallelDims.from_env(tp=cfg.parallel.tensor_parallel) if dims is None else dims
         check_config_fits(cfg, self.dims)  # before any process group, model or data
+        self.collector = ScheduledGC(cfg.train.gc_every)  # Python's GC between steps, on a schedule
         self.device = resolve_device(cfg.train.device, self.dims.local_rank)
         self.preview = preview
         self.accum_steps = cfg.parallel.grad_accum_steps
@@ -297,7 +299,9 @@ class Trainer:
         t0, window_steps = time.perf_counter(), 0
         stopped = False
         pending: _LaunchedStep | None = None
+        collector = self.collector
         try:
+            collector.start()
             while self.step < end:
                 launched = self._launch()
                 finished = [self._finish(pending)] if pending is not None else []
@@ -309,6 +313,7 @@ class Trainer:
                     window_steps += 1
                     for k, v in result.metrics.items():
                         window[k] = window.get(k, 0.0) + v
+                collector.after_step(self.step)
                 progress.update(1)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     # Averages over the steps this window really holds (fewer after a resume
@@ -335,6 +340,7 @@ class Trainer:
             if self.preview is not None and not stopped:
                 self._preview(logger)
         finally:
+            collector.stop()
             progress.close()
             if logger is not None:
                 logger.close()
