@@ -57,6 +57,7 @@ from sfd_scale.parallel.checkpointing import apply_activation_checkpointing
 from sfd_scale.parallel.dims import check_bf16_weights
 from sfd_scale.parallel.engine import LocalEngine
 from sfd_scale.profile_step import count_host_syncs, format_profile, profile_training_step
+from sfd_scale.train.gc_schedule import ScheduledGC
 from sfd_scale.train.trainer import autocast_for, resolve_device
 
 log = logging.getLogger(__name__)
@@ -300,20 +301,27 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
     batch = synthetic_batch(cfg.model, options.batch_size, device, cfg.train.seed)
     engine, run_step = build_training_step(cfg, variant, [batch], device)
     skipped = 0  # a device scalar for sync-free steps, read once at the end
+    collector, steps_run = ScheduledGC(cfg.train.gc_every), 0  # Python's GC as the trainer runs it
 
     def step(run: StepFn = run_step) -> None:
-        nonlocal skipped
+        nonlocal skipped, steps_run
         skipped = skipped + run()[1]
+        steps_run += 1
+        collector.after_step(steps_run)
 
-    for _ in range(options.warmup_steps):
-        step()
-    times = [_timed(step, device) for _ in range(options.steps)]
-    # The same number of steps queued back to back, one wait at the end: how a training loop that
-    # never waits inside a step runs (the per-step figure above is how the reference is timed).
-    back_to_back = _timed(lambda: [step() for _ in range(options.steps)], device) / options.steps
-    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    syncs = count_host_syncs(step, device)
-    profile = profile_training_step(step, device, profile_steps) if profile_steps else None
+    collector.start()
+    try:
+        for _ in range(options.warmup_steps):
+            step()
+        times = [_timed(step, device) for _ in range(options.steps)]
+        # The same number of steps queued back to back, one wait at the end: how a training loop that
+        # never waits inside a step runs (the per-step figure above is how the reference is timed).
+        back_to_back = _timed(lambda: [step() for _ in range(options.steps)], device) / options.steps
+        peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+        syncs = count_host_syncs(step, device)
+        profile = profile_training_step(step, device, profile_steps) if profile_steps else None
+    finally:
+        collector.stop()
     backend = engine.module.attention_backend
     del engine, run_step, step, batch
     gc.collect()
