@@ -316,7 +316,7 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
         times = [_timed(step, device) for _ in range(options.steps)]
         # The same number of steps queued back to back, one wait at the end: how a training loop that
         # never waits inside a step runs (the per-step figure above is how the reference is timed).
-        back_to_back = _timed(lambda: [step() for _ in range(options.steps)], device) / options.steps
+        back_to_back = _timed(lambda run=step: [run() for _ in range(options.steps)], device) / options.steps
         peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
         syncs = count_host_syncs(step, device)
         profile = profile_training_step(step, device, profile_steps) if profile_steps else None
