@@ -73,6 +73,14 @@ step() {
 }
 
 XXL=(launchers/bench.py --batch-size 32 --warmup 3 --steps 10 ${BENCH_ARGS:-})
+# Our fastest step (compiled blocks, CUDA graphs, fused clip + AdamW + EMA, no host sync), profiled;
+# WEIGHTS: the same with bf16 weight copies. The rows below add one setting each.
+SYNC_FREE=("${XXL[@]}" --compile blocks --compile-mode reduce-overhead --set optim.fused_ema=true --sync-free
+  --no-baseline --profile-steps 3)
+WEIGHTS=("${SYNC_FREE[@]}" --set optim.bf16_weights=true)
+# The real trainer loop with WEIGHTS' settings, profiled.
+TRAINER=(launchers/bench_trainer.py --config configs/sfd_xxl.yaml --set model.compile_mode=reduce-overhead
+  --set optim.bf16_weights=true --batch-size 32 --warmup 5 --steps 20 --profile-steps 4 --work-dir /tmp/trainer_bench)
 run_named() {
   case $1 in
     env) step env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'" ;;
@@ -92,44 +100,30 @@ run_named() {
     reference) step reference_as_shipped 100 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
     reference_tuned) step reference_plain_tuning 60 $PY .peer/peer_bench.py step --batch 32 --ema foreach --fused-adam ;;
     model) step model_compile 180 $PY "${XXL[@]}" --compile model --no-baseline --json "$OUT/xxl_model.json" ;;
-    best) step best_fp8_rowwise 120 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead --set optim.fused_ema=true \
-      --set optim.bf16_weights=true --sync-free --fp8 rowwise --no-baseline --profile-steps 3 --json "$OUT/xxl_best_fp8_rowwise.json" ;;
-    best_tensorwise) step best_fp8_tensorwise 105 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
-      --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --fp8 tensorwise --no-baseline \
-      --profile-steps 3 --json "$OUT/xxl_best_fp8_tensorwise.json" ;;
-    residual) step sync_free_bf16_residual 70 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
-      --set optim.fused_ema=true --sync-free --residual bf16 --no-baseline --profile-steps 3 --json "$OUT/xxl_bf16_residual.json" ;;
-    weights) step sync_free_bf16_weights 85 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
-      --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --no-baseline --profile-steps 3 \
-      --json "$OUT/xxl_bf16_weights.json" ;;
-    weights_residual) step sync_free_bf16_weights_bf16_residual 105 $PY "${XXL[@]}" --compile blocks \
-      --compile-mode reduce-overhead --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --residual bf16 \
-      --no-baseline --profile-steps 3 --json "$OUT/xxl_bf16_weights_bf16_residual.json" ;;
-    best_gw_hp) step best_fp8_rowwise_gw_hp 105 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
-      --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --fp8 rowwise_with_gw_hp --no-baseline \
-      --profile-steps 3 --json "$OUT/xxl_best_fp8_rowwise_gw_hp.json" ;;
-    attn_flash) step sync_free_bf16_weights_sdpa_flash 85 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
-      --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --attention sdpa_flash --no-baseline \
-      --profile-steps 3 --json "$OUT/xxl_bf16_weights_sdpa_flash.json" ;;
-    best_all) step best_fp8_bf16_weights_bf16_residual 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
-      --set optim.fused_ema=true --set optim.bf16_weights=true --sync-free --fp8 rowwise --residual bf16 --no-baseline \
-      --profile-steps 3 --json "$OUT/xxl_best_all.json" ;;
+    best) step best_fp8_rowwise 120 $PY "${WEIGHTS[@]}" --fp8 rowwise --json "$OUT/xxl_best_fp8_rowwise.json" ;;
+    best_tensorwise) step best_fp8_tensorwise 105 $PY "${WEIGHTS[@]}" --fp8 tensorwise \
+      --json "$OUT/xxl_best_fp8_tensorwise.json" ;;
+    residual) step sync_free_bf16_residual 70 $PY "${SYNC_FREE[@]}" --residual bf16 --json "$OUT/xxl_bf16_residual.json" ;;
+    weights) step sync_free_bf16_weights 85 $PY "${WEIGHTS[@]}" --json "$OUT/xxl_bf16_weights.json" ;;
+    weights_residual) step sync_free_bf16_weights_bf16_residual 105 $PY "${WEIGHTS[@]}" --residual bf16 \
+      --json "$OUT/xxl_bf16_weights_bf16_residual.json" ;;
+    best_gw_hp) step best_fp8_rowwise_gw_hp 105 $PY "${WEIGHTS[@]}" --fp8 rowwise_with_gw_hp \
+      --json "$OUT/xxl_best_fp8_rowwise_gw_hp.json" ;;
+    attn_flash) step sync_free_bf16_weights_sdpa_flash 85 $PY "${WEIGHTS[@]}" --attention sdpa_flash \
+      --json "$OUT/xxl_bf16_weights_sdpa_flash.json" ;;
+    best_all) step best_fp8_bf16_weights_bf16_residual 110 $PY "${WEIGHTS[@]}" --fp8 rowwise --residual bf16 \
+      --json "$OUT/xxl_best_all.json" ;;
     fp8) step fp8_rowwise_blocks 120 $PY "${XXL[@]}" --compile blocks --fp8 rowwise --no-baseline \
       --profile-steps 3 --json "$OUT/xxl_fp8_blocks.json" ;;
     fp8_curve) step precision_loss_curves 150:330 $PY launchers/compare_precision.py --set optim.lr=2e-4 \
       --recipes none bf16_residual tensorwise --steps 200 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
     blocks_fused_ema) step blocks_fused_adamw_ema 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused_ema.json" ;;
-    sync_free) step blocks_graphs_fused_ema_sync_free 80 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
-      --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free.json" ;;
-    tuning) step sync_free_kernel_tuning 250 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead --compile-tuning \
-      --set optim.fused_ema=true --sync-free --no-baseline --profile-steps 3 --json "$OUT/xxl_sync_free_tuned.json" ;;
-    trainer) step trainer_loop_sync_vs_async 150 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
-      --set model.compile_mode=reduce-overhead --set optim.bf16_weights=true --batch-size 32 --warmup 5 --steps 20 \
-      --profile-steps 4 --work-dir /tmp/trainer_bench --json "$OUT/trainer.json" ;;
-    trainer_resident) step trainer_loop_async_resident_batch 100 $PY launchers/bench_trainer.py --config configs/sfd_xxl.yaml \
-      --set model.compile_mode=reduce-overhead --set optim.bf16_weights=true --batch-size 32 --warmup 5 --steps 20 \
-      --loops async --resident-batch --profile-steps 4 --work-dir /tmp/trainer_bench --json "$OUT/trainer_resident.json" ;;
+    sync_free) step blocks_graphs_fused_ema_sync_free 80 $PY "${SYNC_FREE[@]}" --json "$OUT/xxl_sync_free.json" ;;
+    tuning) step sync_free_kernel_tuning 250 $PY "${SYNC_FREE[@]}" --compile-tuning --json "$OUT/xxl_sync_free_tuned.json" ;;
+    trainer) step trainer_loop_sync_vs_async 150 $PY "${TRAINER[@]}" --json "$OUT/trainer.json" ;;
+    trainer_resident) step trainer_loop_async_resident_batch 100 $PY "${TRAINER[@]}" --loops async --resident-batch \
+      --json "$OUT/trainer_resident.json" ;;
     encode) step extraction_encoders 90 $PY launchers/bench_data.py --encode --device cuda --batch-size 64 \
       --seconds 10 --json "$OUT/encode.json" ;;
     dali) step dali_vs_pil_decoding 120 bash -c "$PY scripts/sample_jpegs.py /tmp/jpegs 512 && \

@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 
 from sfd_scale.bench import SYNTHETIC_DATA, Variant, build_training_step, synthetic_batch
-from sfd_scale.models.fast_paths import FP8_RECIPES
 from sfd_scale.config import SFDConfig
 from sfd_scale.data.loader import LatentShardDataset, ShardLoader
+from sfd_scale.models.fast_paths import FP8_RECIPES
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from sfd_scale.parallel.dims import ParallelDims, has_fused_optimizer
 from sfd_scale.profile_step import count_host_syncs, format_profile, profile_training_step
 from sfd_scale.train.trainer import Trainer, resolve_device
 
+
 def bench_run_config(cfg: SFDConfig, data_dir: Path, rank_batch: int, dims: ParallelDims,
                      async_metrics: bool) -> SFDConfig:
     """`cfg` on `data_dir` with `rank_batch` samples per data-parallel rank, the fused optimizer

@@ -80,14 +80,24 @@ def _warn_fp32_fallback(backend: str) -> None:
     log.warning("attention %s needs fp16/bf16 inputs; float32 attention runs through SDPA", backend)
 
 
-def _tokens_major(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  half_only: bool) -> torch.Tensor:
-    """Run a kernel that takes (B, N, heads, head_dim) on (B, heads, N, head_dim) inputs."""
+def _kernel_inputs(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_only: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """q, k, v in the dtype the kernel computes in; None (after a warning) when it needs fp16/bf16
+    and that dtype is fp32: the caller then runs SDPA."""
     dtype = _common_dtype(q, k, v)
     if half_only and dtype not in _HALF:
         _warn_fp32_fallback(backend)
+        return None
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _tokens_major(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  half_only: bool) -> torch.Tensor:
+    """Run a kernel that takes (B, N, heads, head_dim) on (B, heads, N, head_dim) inputs."""
+    inputs = _kernel_inputs(backend, q, k, v, half_only)
+    if inputs is None:
         return attention_sdpa(q, k, v)
-    q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))
+    q, k, v = (t.transpose(1, 2) for t in inputs)
     out = _kernel(backend)(q, k, v)
     if isinstance(out, tuple):  # some FlashAttention 3 builds also return the log-sum-exp
         out = out[0]
@@ -106,19 +116,9 @@ def attention_xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return _tokens_major("xformers", q, k, v, half_only=False)
 
 
-def _half_or_none(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """q, k, v in the dtype a half-precision kernel computes in; None (after a warning) for fp32."""
-    dtype = _common_dtype(q, k, v)
-    if dtype not in _HALF:
-        _warn_fp32_fallback(backend)
-        return None
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
 def attention_sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """SDPA's FlashAttention 2 kernel (PyTorch's build), whatever SDPA would pick itself."""
-    half = _half_or_none("sdpa_flash", q, k, v)
+    half = _kernel_inputs("sdpa_flash", q, k, v, half_only=True)
     if half is None:
         return attention_sdpa(q, k, v)
     return torch.ops.aten._scaled_dot_product_flash_attention(*half)[0]
@@ -126,7 +126,7 @@ def attention_sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 
 def attention_sdpa_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """SDPA's cuDNN kernel (with the log-sum-exp its backward needs)."""
-    half = _half_or_none("sdpa_cudnn", q, k, v)
+    half = _kernel_inputs("sdpa_cudnn", q, k, v, half_only=True)
     if half is None:
         return attention_sdpa(q, k, v)
     return torch.ops.aten._scaled_dot_product_cudnn_attention(*half, None, True)[0]

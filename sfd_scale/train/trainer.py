@@ -299,9 +299,8 @@ class Trainer:
         t0, window_steps = time.perf_counter(), 0
         stopped = False
         pending: _LaunchedStep | None = None
-        collector = self.collector
         try:
-            collector.start()
+            self.collector.start()
             while self.step < end:
                 launched = self._launch()
                 finished = [self._finish(pending)] if pending is not None else []
@@ -313,7 +312,7 @@ class Trainer:
                     window_steps += 1
                     for k, v in result.metrics.items():
                         window[k] = window.get(k, 0.0) + v
-                collector.after_step(self.step)
+                self.collector.after_step(self.step)
                 progress.update(1)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     # Averages over the steps this window really holds (fewer after a resume
@@ -340,7 +339,7 @@ class Trainer:
             if self.preview is not None and not stopped:
                 self._preview(logger)
         finally:
-            collector.stop()
+            self.collector.stop()
             progress.close()
             if logger is not None:
                 logger.close()
