@@ -22,6 +22,7 @@ Plain-PyTorch twin: torch.optim.AdamW followed by torch._foreach_lerp_ (tests co
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -50,7 +51,7 @@ def _bf16_bits(x):
 
 @triton.jit
 def _adamw_ema_kernel(table_ptr, block_tensor_ptr, block_start_ptr, scale_ptr, skip_ptr,
-                      lr, beta1, beta2, eps, weight_decay, ema_weight, log_beta1, log_beta2,
+                      lr_ptr, beta1, beta2, eps, weight_decay, ema_weight, log_beta1, log_beta2,
                       FIELDS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, COPY: tl.constexpr,
                       GRAD_BF16: tl.constexpr):
     # One launch for many tensors: program i updates elements [start, start + BLOCK) of tensor
@@ -85,6 +86,7 @@ def _adamw_ema_kernel(table_ptr, block_tensor_ptr, block_start_ptr, scale_ptr, s
     # At least 1: a step skipped before any update leaves the count at 0.
     step = tl.maximum(tl.load(step_ptr), 1.0)
     scale = tl.load(scale_ptr)
+    lr = tl.load(lr_ptr)  # read on the device: a replayed CUDA graph takes each step's rate
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale
     p0 = tl.load(p_ptr + offs, mask=mask, other=0.0)
     m0 = tl.load(m_ptr + offs, mask=mask, other=0.0)
@@ -132,9 +134,10 @@ def _log(beta: float) -> float:
 class AdamWEMA(torch.optim.AdamW):
     """torch.optim.AdamW whose `step` also clips (by a device scale) and updates the EMA, in one
     Triton kernel launch for all parameters of a group (a table of their addresses, rebuilt every
-    step because gradients are new tensors; XXL has 358 parameter tensors, so one launch instead
-    of 358 saves the host several milliseconds a step), two when some tensors are not 16-byte
-    aligned (shards, bucket views), which then get the kernel without 128-bit accesses. Its state dict is AdamW's, so checkpoints
+    step because gradients are new tensors, unless frozen for a captured step: `freeze_tables`;
+    XXL has 358 parameter tensors, so one launch instead of 358 saves the host several
+    milliseconds a step), two when some tensors are not 16-byte aligned (shards, bucket views),
+    which then get the kernel without 128-bit accesses. Its state dict is AdamW's, so checkpoints
     move between the two.
 
     `ema_params[i]` is the EMA tensor of the i-th parameter (same shape, fp32, same device).
@@ -168,6 +171,10 @@ class AdamWEMA(torch.optim.AdamW):
         self._copy_of = {id(p): c for p, c in zip(flat, copies) if c is not None}
         self.ema_decay = ema_decay
         self._block_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._frozen_tables: dict[tuple, torch.Tensor] = {}
+        self.state_version = 0
+        """Counts `load_state_dict` calls: each gives the moments and counts new tensors, which a
+        captured step (train/step_graph.py) no longer reads."""
 
     def grad_of(self, param: torch.Tensor) -> torch.Tensor | None:
         """The gradient the step uses for `param`: its compute copy's when it has one, and there the
@@ -185,6 +192,57 @@ class AdamWEMA(torch.optim.AdamW):
         copy = self._copy_of.get(id(param))
         return 0 if copy is None else copy.data_ptr()
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._frozen_tables.clear()  # their addresses are the replaced tensors'
+        self.state_version += 1
+
+    def freeze_tables(self) -> None:
+        """Copy the address tables of the current parameters, gradients and state to the device
+        once; every later step whose tensors sit at the same addresses uses them. A CUDA graph
+        capture needs this: a table copied from host memory inside a capture would be read again
+        from that (meanwhile reused) host buffer at every replay. Call it once the gradients of
+        the step to capture exist."""
+        self._prepare_state()
+        self._frozen_tables = {launch.key(): to_device_async(torch.tensor(launch.rows, dtype=torch.int64),
+                                                             launch.device)
+                               for launch in self._launches()}
+
+    def _prepare_state(self) -> None:
+        """Moments and counts for every parameter with a gradient, counts on its device."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.grad_of(p) is None:
+                    continue
+                state = self.state[p]
+                device = _local(p).device
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if state["step"].device != device:  # AdamW's load_state_dict leaves counts on the CPU
+                    state["step"] = state["step"].to(device)
+
+    def _launches(self) -> list[_Launch]:
+        """The kernel launches of a step: per group, one per kind of tensor present (alignment,
+        compute copy, gradient dtype). Fresh allocations are aligned, views (shards, buckets) may
+        not be; tensors with a compute copy write it, and read bf16 gradients unless reduced in fp32."""
+        launches = []
+        ema_of = {id(p): e for p, e in zip((p for g in self.param_groups for p in g["params"]), self.ema_params)}
+        for group in self.param_groups:
+            with_grads = [(p, _local(g).contiguous()) for p in group["params"] if (g := self.grad_of(p)) is not None]
+            if not with_grads:
+                continue
+            rows = [[_local(p).data_ptr(), g.data_ptr(), _local(self.state[p]["exp_avg"]).data_ptr(),
+                     _local(self.state[p]["exp_avg_sq"]).data_ptr(), ema_of[id(p)].data_ptr(),
+                     self.state[p]["step"].data_ptr(), g.numel(), self._copy_address(p)] for p, g in with_grads]
+            kinds = [(_aligned(r), r[7] != 0, g.dtype == torch.bfloat16) for r, (_, g) in zip(rows, with_grads)]
+            for kind in sorted(set(kinds), reverse=True):
+                chosen = [i for i, k in enumerate(kinds) if k == kind]
+                launches.append(_Launch(group, kind, [rows[i] for i in chosen], [with_grads[i][1] for i in chosen],
+                                        _local(with_grads[0][0]).device))
+        return launches
+
     def _blocks(self, numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's block table for a group's tensor sizes, built once (it depends on nothing else)."""
         key = (numels, device)
@@ -193,52 +251,60 @@ class AdamWEMA(torch.optim.AdamW):
         return self._block_tables[key]
 
     @torch.no_grad()
-    def step(self, closure=None, grad_scale: torch.Tensor | None = None, skip: torch.Tensor | None = None):
+    def step(self, closure=None, grad_scale: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+             lr: torch.Tensor | None = None):
         """One update of every parameter with a gradient: grads times `grad_scale` (a device
         scalar: the clip coefficient, default 1), nothing at all where `skip` (a device scalar,
-        nonzero = skip) is set. Neither is read on the host."""
+        nonzero = skip) is set, at learning rate `lr` (a device scalar; default each group's
+        'lr'). None of them is read on the host."""
         if closure is not None:
             raise ValueError("AdamWEMA.step takes no closure")
-        flat = [p for group in self.param_groups for p in group["params"]]
-        ema_of = dict(zip(map(id, flat), self.ema_params))
-        for group in self.param_groups:
+        self._prepare_state()
+        launches = self._launches()
+        if not launches:
+            return None
+        device = launches[0].device
+        scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device, torch.float32)
+        skipped = torch.zeros((), device=device) if skip is None else skip.to(device, torch.float32)
+        # Counts advance unless skipped, on the device. `alpha` selects the tensor overload: without
+        # it the 0-d increment is taken as a Python scalar (.item(), a host sync every step).
+        steps = [self.state[p]["step"] for group in self.param_groups for p in group["params"]
+                 if self.grad_of(p) is not None]
+        torch._foreach_add_(steps, 1.0 - skipped, alpha=1)
+        rates = {}
+        for launch in launches:
+            group = launch.group
+            if id(group) not in rates:
+                rates[id(group)] = (torch.full((), group["lr"], device=device) if lr is None
+                                    else lr.to(device, torch.float32))
+            table = self._frozen_tables.get(launch.key()) if self._frozen_tables else None
+            if table is None:
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError("AdamWEMA.step is being captured in a CUDA graph with tensors at new "
+                                       "addresses: call freeze_tables() before the capture")
+                table = to_device_async(torch.tensor(launch.rows, dtype=torch.int64), device)
             beta1, beta2 = group["betas"]
-            with_grads = [(p, g) for p in group["params"] if (g := self.grad_of(p)) is not None]
-            if not with_grads:
-                continue
-            params = [p for p, _ in with_grads]
-            device = _local(params[0]).device
-            scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device, torch.float32)
-            skipped = torch.zeros((), device=device) if skip is None else skip.to(device, torch.float32)
-            steps = []
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                steps.append(state["step"].to(device) if state["step"].device != device else state["step"])
-                state["step"] = steps[-1]
-            # Counts advance unless skipped, on the device. `alpha` selects the tensor overload: without
-            # it the 0-d increment is taken as a Python scalar (.item(), a host sync every step).
-            torch._foreach_add_(steps, 1.0 - skipped, alpha=1)
-            grads = [_local(g).contiguous() for _, g in with_grads]  # alive until the kernels are queued
-            rows = [[_local(p).data_ptr(), g.data_ptr(), _local(self.state[p]["exp_avg"]).data_ptr(),
-                     _local(self.state[p]["exp_avg_sq"]).data_ptr(), ema_of[id(p)].data_ptr(),
-                     step.data_ptr(), g.numel(), self._copy_address(p)] for p, g, step in zip(params, grads, steps)]
-            hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], 1.0 - self.ema_decay,
-                     _log(beta1), _log(beta2))
-            # Fresh allocations are aligned, views (shards, buckets) may not be; tensors with a
-            # compute copy write it, and read bf16 gradients unless reduced in fp32: one launch per
-            # kind present.
-            kinds = [(_aligned(r), r[7] != 0, g.dtype == torch.bfloat16) for r, g in zip(rows, grads)]
-            for kind in sorted(set(kinds), reverse=True):
-                subset = [r for r, k in zip(rows, kinds) if k == kind]
-                block_tensor, block_start = self._blocks(tuple(r[6] for r in subset), device)
-                if block_tensor.numel():  # none when every tensor is elsewhere or an empty shard
-                    aligned, copy, grad_bf16 = kind
-                    _adamw_ema_kernel[(block_tensor.numel(),)](
-                        to_device_async(torch.tensor(subset, dtype=torch.int64), device), block_tensor, block_start,
-                        scale, skipped, *hyper, FIELDS=_FIELDS, BLOCK=_BLOCK, ALIGNED=aligned, COPY=copy,
-                        GRAD_BF16=grad_bf16)
+            block_tensor, block_start = self._blocks(tuple(r[6] for r in launch.rows), device)
+            if block_tensor.numel():  # none when every tensor is elsewhere or an empty shard
+                aligned, copy, grad_bf16 = launch.kind
+                _adamw_ema_kernel[(block_tensor.numel(),)](
+                    table, block_tensor, block_start, scale, skipped, rates[id(group)], beta1, beta2, group["eps"],
+                    group["weight_decay"], 1.0 - self.ema_decay, _log(beta1), _log(beta2),
+                    FIELDS=_FIELDS, BLOCK=_BLOCK, ALIGNED=aligned, COPY=copy, GRAD_BF16=grad_bf16)
         return None
+
+
+@dataclass
+class _Launch:
+    """One kernel launch of a step: tensors of one group and kind, and their table rows."""
+
+    group: dict
+    kind: tuple[bool, bool, bool]
+    """(16-byte aligned, has a bf16 compute copy, bf16 gradients)."""
+    rows: list[list[int]]
+    grads: list[torch.Tensor]
+    """Alive until the kernel is queued (contiguous copies of strided gradients)."""
+    device: torch.device
+
+    def key(self) -> tuple:
+        return self.kind, tuple(map(tuple, self.rows))

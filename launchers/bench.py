@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="residual stream dtype under autocast (model.residual_precision; bf16: not the reference's numbers)")
     parser.add_argument("--sync-free", action="store_true",
                         help="no host synchronisation in the step (needs --set optim.fused_ema=true)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay the sync-free step as CUDA graphs (train.cuda_graph; needs --set optim.fused_ema=true)")
     parser.add_argument("--fused-kernels", action="store_true", help="Triton SwiGLU and RoPE kernels")
     parser.add_argument("--device", default=None, help="train.device (default: the config's; auto)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     options = BenchOptions(batch_size=args.batch_size, warmup_steps=args.warmup, steps=args.steps,
                            attention=args.attention or cfg.model.attention, compile=args.compile, compile_mode=args.compile_mode, fp8=args.fp8,
                            compile_tuning=args.compile_tuning, residual=args.residual, sync_free=args.sync_free,
+                           cuda_graph=args.cuda_graph,
                            fused_kernels=args.fused_kernels, baseline=not args.no_baseline,
                            profile_steps=args.profile_steps)
     command = shlex.join(["python", "launchers/bench.py", *(sys.argv[1:] if argv is None else argv)])

@@ -78,6 +78,10 @@ XXL=(launchers/bench.py --batch-size 32 --warmup 3 --steps 10 ${BENCH_ARGS:-})
 SYNC_FREE=("${XXL[@]}" --compile blocks --compile-mode reduce-overhead --set optim.fused_ema=true --sync-free
   --no-baseline --profile-steps 3)
 WEIGHTS=("${SYNC_FREE[@]}" --set optim.bf16_weights=true)
+# WEIGHTS' step replayed whole as CUDA graphs (train.cuda_graph): blocks compiled without graphs of
+# their own, the host launching two graphs a step.
+GRAPH=("${XXL[@]}" --compile blocks --set optim.fused_ema=true --set optim.bf16_weights=true --cuda-graph
+  --no-baseline --profile-steps 3)
 # The real trainer loop with WEIGHTS' settings, profiled.
 TRAINER=(launchers/bench_trainer.py --config configs/sfd_xxl.yaml --set model.compile_mode=reduce-overhead
   --set optim.bf16_weights=true --batch-size 32 --warmup 5 --steps 20 --profile-steps 4 --work-dir /tmp/trainer_bench)
@@ -96,7 +100,14 @@ run_named() {
     ac_blocks) step ac_full_blocks 120 $PY "${XXL[@]}" --compile blocks --checkpointing full --no-baseline --json "$OUT/xxl_ac_blocks.json" ;;
     kernel_tests) step kernel_and_async_tests 90 $PY -m pytest -q -p no:cacheprovider -m "not distributed" \
       tests/test_kernels.py tests/test_adamw_ema.py tests/test_async_metrics.py tests/test_bf16_weights.py \
-      tests/test_fast_paths.py ;;
+      tests/test_fast_paths.py tests/test_step_graph.py ;;
+    graph_tests) step step_graph_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_step_graph.py \
+      tests/test_adamw_ema.py ;;
+    graph) step step_graph_bf16_weights 120 $PY "${GRAPH[@]}" --json "$OUT/xxl_graph.json" ;;
+    graph_residual) step step_graph_bf16_weights_bf16_residual 110 $PY "${GRAPH[@]}" --residual bf16 \
+      --json "$OUT/xxl_graph_bf16_residual.json" ;;
+    trainer_graph) step trainer_loop_step_graph 130 $PY "${TRAINER[@]}" --set model.compile_mode=default \
+      --set train.cuda_graph=true --loops async --json "$OUT/trainer_graph.json" ;;
     reference) step reference_as_shipped 100 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
     reference_tuned) step reference_plain_tuning 60 $PY .peer/peer_bench.py step --batch 32 --ema foreach --fused-adam ;;
     model) step model_compile 180 $PY "${XXL[@]}" --compile model --no-baseline --json "$OUT/xxl_model.json" ;;
@@ -136,7 +147,9 @@ run_named() {
   esac
 }
 STEPS=("$@")
-# What the session most needs first (after the H100 call of 2026-11-27): the reference and its plain
+# What the session most needs first (after the H100 call of 2026-11-27): the whole step as CUDA graphs
+# (built without a GPU: its tests on CUDA first, then the step and the trainer loop with it, next to
+# the same step without the graphs); then the reference and its plain
 # tuning on this card; our fastest step with the reference's numbers (weights: CUDA graphs, fused
 # optimizer, no host sync, bf16 weight copies; profiled, with where the GPU idles); the real trainer
 # loop, profiled (it ran 46 ms a step slower than the step alone), then on one device-resident batch
@@ -145,7 +158,7 @@ STEPS=("$@")
 # SDPA's flash kernel against the cuDNN one it picks (6.1 ms of attention on the H100);
 # the kernel tests; the loss curves of the bf16 residual and FP8 tensorwise against bf16; then the
 # rows that attribute the gains.
-(( ${#STEPS[@]} )) || STEPS=(env reference reference_tuned weights trainer trainer_resident weights_residual best_tensorwise best_gw_hp attn_flash kernel_tests
+(( ${#STEPS[@]} )) || STEPS=(env graph_tests graph weights trainer_graph reference reference_tuned graph_residual trainer trainer_resident weights_residual best_tensorwise best_gw_hp attn_flash kernel_tests
   fp8_curve tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
   ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
@@ -156,7 +169,7 @@ import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("xxl_*.json")):
     r = json.loads(path.read_text())
     for run in [r] + ([r["baseline"]] if "baseline" in r else []):
-        print(f"{path.stem:22s} {run['label']:12s} {run.get('compile_mode', '-'):16s} fp8 {run.get('fp8', 'none'):10s} residual {run.get('residual', 'fp32')} {run['images_per_s']:7.1f} img/s {run['step_s_median']*1e3:7.1f} ms "
+        print(f"{path.stem:22s} {run['label']:12s} {run.get('compile_mode', '-'):16s}{' graph' if run.get('cuda_graph') else ''} fp8 {run.get('fp8', 'none'):10s} residual {run.get('residual', 'fp32')} {run['images_per_s']:7.1f} img/s {run['step_s_median']*1e3:7.1f} ms "
               f"{run['tflops_per_s']:6.1f} TFLOP/s MFU {run['mfu']['vs_measured_ceiling']:.1%} peak {run['peak_mem_gib'] or 0:.1f} GiB")
     if "images_per_s_back_to_back" in r:
         print(f"  back to back: {r['images_per_s_back_to_back']:.1f} img/s, {r['step_s_back_to_back']*1e3:.1f} ms/step")

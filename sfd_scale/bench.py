@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sfd_scale.atomic import atomic_write_bytes
 from sfd_scale.config import (MISSING_REQUIRED, ModelConfig, ParallelConfig, SFDConfig, apply_overrides, from_dict,
                               load_yaml)
-from sfd_scale.diffusion.loss import SFDLoss
+from sfd_scale.diffusion.loss import BatchPart, SFDLoss
 from sfd_scale.models.fast_paths import (
     ATTENTION_NAMES,
     COMPILE_INDUCTOR_MODES,
@@ -58,7 +58,7 @@ from sfd_scale.parallel.dims import check_bf16_weights
 from sfd_scale.parallel.engine import LocalEngine
 from sfd_scale.profile_step import count_host_syncs, format_profile, profile_training_step
 from sfd_scale.train.gc_schedule import ScheduledGC
-from sfd_scale.train.trainer import autocast_for, resolve_device
+from sfd_scale.train.trainer import autocast_for, build_graphed_step, resolve_device, step_inputs
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,9 @@ class BenchOptions:
     sync_free: bool = False
     """Steps with no host synchronisation (needs optim.fused_ema): the skip check stays on the
     device. What a trainer reading its metrics a step late would reach."""
+    cuda_graph: bool = False
+    """The sync-free step captured and replayed as CUDA graphs (`train.cuda_graph`; needs
+    optim.fused_ema; the capture happens in the last warm-up step, which needs at least 3)."""
     baseline: bool = True
     """Also measure the plain-eager baseline in the same run."""
     profile_steps: int = 0
@@ -142,6 +145,7 @@ class Variant:
     sync_free: bool = False
     compile_tuning: bool = False
     residual: str = "fp32"
+    cuda_graph: bool = False
 
 
 def bench_config(path: str | Path | None, overrides: list[str]) -> SFDConfig:
@@ -276,6 +280,17 @@ def build_training_step(cfg: SFDConfig, variant: Variant, batches: list[tuple[to
     generator = torch.Generator().manual_seed(cfg.train.seed + 1)
     position = itertools.cycle(range(len(batches)))
 
+    if variant.cuda_graph:
+        graphed, names = build_graphed_step(engine, loss_fn, cfg.train.precision, device)
+
+        def graphed_step() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            x, y, feats = batches[next(position)]
+            inputs = step_inputs(loss_fn, x, y, feats if use_feats else None, generator, BatchPart(0, x.shape[0]))
+            out = graphed(inputs, cfg.optim.lr)  # loss terms, grad norm, skip flag
+            return dict(zip(names, out[:len(names)])), out[len(names) + 1]
+
+        return engine, graphed_step
+
     def step() -> tuple[dict[str, torch.Tensor], bool]:
         x, y, feats = batches[next(position)]
         mark_step_begin(variant.compile_mode)
@@ -333,7 +348,7 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
         log.warning("%s: %d step(s) were skipped as non-finite; their time still counts", variant.label, skipped)
     return {"label": variant.label, "attention": backend, "compile": variant.compile,
             "compile_mode": variant.compile_mode, "compile_tuning": variant.compile_tuning, "fp8": variant.fp8,
-            "residual": variant.residual, "sync_free": variant.sync_free,
+            "residual": variant.residual, "sync_free": variant.sync_free, "cuda_graph": variant.cuda_graph,
             "fused_kernels": variant.fused_kernels, "images_per_s": options.batch_size / median,
             "step_s_median": median, "step_s_all": times, "step_s_back_to_back": back_to_back,
             "images_per_s_back_to_back": options.batch_size / back_to_back, "peak_mem_gib": peak, "host_syncs": syncs,
@@ -357,8 +372,13 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
     reason = fused_kernels_unavailable(device) if options.fused_kernels else None
     if reason is not None:
         raise ValueError(f"--fused-kernels cannot run: {reason}")
-    if options.sync_free and not cfg.optim.fused_ema:
-        raise ValueError("--sync-free needs --set optim.fused_ema=true (the skip then happens inside its kernel)")
+    if (options.sync_free or options.cuda_graph) and not cfg.optim.fused_ema:
+        raise ValueError("--sync-free and --cuda-graph need --set optim.fused_ema=true (the skip then happens "
+                         "inside its kernel)")
+    if options.cuda_graph and (options.warmup_steps < 3 or options.compile_mode == "reduce-overhead"):
+        raise ValueError(f"--cuda-graph needs --warmup 3 or more (2 eager steps, then the capture; got "
+                         f"{options.warmup_steps}) and a --compile-mode other than reduce-overhead (got "
+                         f"{options.compile_mode}), whose own graphs cannot be captured")
     reason = fp8_unavailable(device) if options.fp8 != "none" else None
     if reason is not None:
         raise ValueError(f"--fp8 {options.fp8} cannot run: {reason}")
@@ -371,7 +391,7 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
     ceiling = matmul_ceiling_tflops(device, dtype)
     peak = datasheet_peak_tflops(name, dtype)
     fast = Variant("configured", options.attention, options.compile, options.fused_kernels, options.compile_mode,
-                   options.fp8, options.sync_free, options.compile_tuning, options.residual)
+                   options.fp8, options.sync_free, options.compile_tuning, options.residual, options.cuda_graph)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
@@ -414,7 +434,7 @@ def format_table(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in [report] + ([report["baseline"]] if "baseline" in report else []):
         compile_label = r["compile"] + ("" if r.get("compile_mode", "default") == "default" else f" ({r['compile_mode']})") \
-            + (", tuned" if r.get("compile_tuning") else "")
+            + (", tuned" if r.get("compile_tuning") else "") + (", step graph" if r.get("cuda_graph") else "")
         precision = r.get("fp8", "none") + ("" if r.get("residual", "fp32") == "fp32" else f", {r['residual']} residual")
         cells = [r["label"], r["attention"], compile_label, "yes" if r["fused_kernels"] else "no", precision,
                  f"{r['step_s_median']:.4g}", f"{r['images_per_s']:.4g}", f"{r['tflops_per_s']:.3g}",

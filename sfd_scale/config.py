@@ -182,6 +182,12 @@ class TrainConfig:
     non-finite step then happens on the device). The numbers are the same; the guard judges each
     step one step later, so a rollback also discards the step run meanwhile. Steps that log,
     checkpoint or preview still wait for their own numbers."""
+    cuda_graph: bool = False
+    """Replay the whole step (forward, loss, backward, clip, AdamW, EMA) as CUDA graphs after two
+    eager warm-up steps (train/step_graph.py): the host launches two graphs per step instead of
+    every kernel. Same numbers. Needs train.async_metrics, parallel.engine local, one micro-batch
+    per step and no model.compile_mode=reduce-overhead (graphs do not nest); without CUDA the step
+    runs eagerly on the same fixed input tensors."""
 
 
 @dataclass

@@ -103,6 +103,8 @@ def run_trainer_benchmark(cfg: SFDConfig, rank_batch: int, warmup_steps: int, st
     if loops == "async" and not fused:
         raise ValueError(f"parallel.engine={cfg.parallel.engine!r} has no async metrics loop (it needs the fused "
                          "optimizer): time --loops sync or both")
+    if cfg.train.cuda_graph and loops != "async":
+        raise ValueError("train.cuda_graph captures the async-metrics step only: time it with --loops async")
     modes = {"both": (False, True) if fused else (False,), "sync": (False,), "async": (True,)}[loops]
     runs = [time_trainer(bench_run_config(cfg, shard_dir, rank_batch, dims, mode), work_dir / f"run-{mode}",
                          dims, warmup_steps, steps, profile_steps if mode == modes[-1] else 0, resident_batch)
@@ -111,7 +113,7 @@ def run_trainer_benchmark(cfg: SFDConfig, rank_batch: int, warmup_steps: int, st
             "torch": torch.__version__, "model": cfg.model.size, "compile": cfg.model.compile,
             "compile_mode": cfg.model.compile_mode, "engine": cfg.parallel.engine, "world_size": dims.world_size,
             "batch_per_rank": rank_batch, "global_batch": rank_batch * dims.dp, "warmup_steps": warmup_steps,
-            "fused_ema": fused, "resident_batch": resident_batch, "runs": runs,
+            "fused_ema": fused, "cuda_graph": cfg.train.cuda_graph, "resident_batch": resident_batch, "runs": runs,
             "async_speedup": runs[1]["images_per_s"] / runs[0]["images_per_s"] if len(runs) == 2 else None}
 
 
@@ -119,6 +121,7 @@ def format_trainer_report(report: dict) -> str:
     lines = [f"{report['device']}, torch {report['torch']}, {report['model']}, engine {report['engine']} x "
              f"{report['world_size']}, batch {report['batch_per_rank']} per rank ({report['global_batch']} global), "
              f"compile {report['compile']} ({report['compile_mode']}), fused AdamW+EMA {report['fused_ema']}"
+             + (", step replayed as CUDA graphs" if report.get("cuda_graph") else "")
              + (", one batch resident on the device (no loader)" if report.get("resident_batch") else ""),
              "| loop | images/s (all ranks) | s/step | host syncs/step (rank 0) | peak GiB (rank 0) |", "|---|---|---|---|---|"]
     for run in report["runs"]:

@@ -57,6 +57,42 @@ def test_fused_step_equals_adamw_then_ema_with_clip_scale_and_skips():
         torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=2e-6, atol=1e-10)
 
 
+def test_frozen_tables_and_a_device_learning_rate_take_the_same_steps(monkeypatch):
+    # What a replayed CUDA graph does: gradients rewritten in place, the learning rate read from a
+    # device scalar, the address tables copied to the device once (frozen) and never again.
+    from sfd_scale.kernels import adamw_ema
+
+    ref, ours = params(), params()
+    plain = adamw_ema.AdamWEMA(ref, [p.detach().clone() for p in ref], ema_decay=0.9, **HYPER)
+    frozen = adamw_ema.AdamWEMA(ours, [p.detach().clone() for p in ours], ema_decay=0.9, **HYPER)
+    set_grads(ours, 0)
+    frozen.step()                  # the first step creates the state, as the graph's warm-up does
+    set_grads(ref, 0)
+    plain.step()
+    frozen.freeze_tables()
+    lr = torch.zeros((), device=DEVICE)
+
+    def no_table_copies(*args, **kwargs):
+        raise AssertionError("a frozen step copied a table from the host")
+
+    for step, rate in enumerate((1e-2, 3e-3, 5e-4), start=1):
+        set_grads(ref, step)
+        for p, g in zip(ours, [r.grad for r in ref]):
+            p.grad.copy_(g)
+        plain.param_groups[0]["lr"] = rate
+        plain.step()
+        lr.fill_(rate)
+        with monkeypatch.context() as patch:
+            patch.setattr(adamw_ema, "to_device_async", no_table_copies)
+            frozen.step(lr=lr)
+    for a, b in zip(ref + plain.ema_params, ours + frozen.ema_params):
+        assert torch.equal(a.detach(), b.detach())
+    # A load replaces the moments and counts: the tables are dropped, and a captured step is stale.
+    assert frozen.state_version == 0
+    frozen.load_state_dict(plain.state_dict())
+    assert frozen.state_version == 1 and not frozen._frozen_tables
+
+
 def test_compute_copies_take_bf16_gradients_and_get_the_rounded_masters():
     """A parameter with a bf16 compute copy (optim.bf16_weights) takes the same steps as an fp32
     parameter given the same bf16-valued gradients, and the copy ends each step as the rounded
@@ -289,7 +325,7 @@ def test_aligned_tensors_get_128_bit_loads_and_stores(monkeypatch):
     from sfd_scale.kernels import adamw_ema
 
     signature = {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64", "scale_ptr": "*fp32",
-                 "skip_ptr": "*fp32", **{name: "fp32" for name in ("lr", "beta1", "beta2", "eps", "weight_decay",
+                 "skip_ptr": "*fp32", "lr_ptr": "*fp32", **{name: "fp32" for name in ("beta1", "beta2", "eps", "weight_decay",
                                                                   "ema_weight", "log_beta1", "log_beta2")},
                  "FIELDS": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr", "COPY": "constexpr",
                  "GRAD_BF16": "constexpr"}

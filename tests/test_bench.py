@@ -202,19 +202,27 @@ def test_launcher_profiles_and_takes_an_inductor_mode(tmp_path):
     assert "| category | ms/step | share |" in done.stdout
 
 
-def test_launcher_sync_free_step_needs_the_fused_optimizer(tmp_path):
+def test_launcher_sync_free_and_graphed_steps_need_the_fused_optimizer(tmp_path):
     out = tmp_path / "bench.json"
-    base = [*TINY_MODEL_ARGS, "--device", "cpu", "--batch-size", "2", "--warmup", "1", "--steps", "2", "--no-baseline",
-            "--sync-free"]
+    base = [*TINY_MODEL_ARGS, "--device", "cpu", "--batch-size", "2", "--steps", "2", "--no-baseline"]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    refused = subprocess.run([sys.executable, "launchers/bench.py", *base], cwd=ROOT, capture_output=True,
-                             text=True, timeout=300, env=env)
-    assert refused.returncode != 0 and "--sync-free needs --set optim.fused_ema=true" in refused.stderr
-    done = subprocess.run([sys.executable, "launchers/bench.py", *base, "--set", "optim.fused_ema=true",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+    def bench(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "launchers/bench.py", *base, *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env=env)
+
+    refused = bench("--warmup", "1", "--sync-free")
+    assert refused.returncode != 0 and "--sync-free and --cuda-graph need --set optim.fused_ema=true" in refused.stderr
+    done = bench("--warmup", "1", "--sync-free", "--set", "optim.fused_ema=true", "--json", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["sync_free"] is True and len(report["step_s_all"]) == 2
+    assert report["sync_free"] is True and report["cuda_graph"] is False and len(report["step_s_all"]) == 2
+    refused = bench("--warmup", "2", "--cuda-graph", "--set", "optim.fused_ema=true")
+    assert refused.returncode != 0 and "--cuda-graph needs --warmup 3 or more" in refused.stderr
+    done = bench("--warmup", "3", "--cuda-graph", "--set", "optim.fused_ema=true", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["cuda_graph"] is True and "| none, step graph |" in done.stdout
 
 
 def test_trainer_benchmark_times_both_loops_through_the_loader(tmp_path):
@@ -256,6 +264,13 @@ def test_trainer_benchmark_times_one_loop_on_a_resident_batch(tmp_path, monkeypa
     assert len(reads) <= 1 + 2  # the first batch, and at most the loader's read-ahead (prefetch 2)
     with pytest.raises(ValueError, match="loops='fast'"):
         run_trainer_benchmark(cfg, 4, 1, 3, 24, tmp_path, loops="fast")
+    graphed = bench_config(None, TINY_MODEL_ARGS[1::2] + [f"train.device={device}", "optim.fused_ema=true",
+                                                          "train.cuda_graph=true"])
+    with pytest.raises(ValueError, match="captures the async-metrics step only"):
+        run_trainer_benchmark(graphed, 4, 1, 3, 24, tmp_path, loops="both")
+    report = run_trainer_benchmark(graphed, rank_batch=4, warmup_steps=3, steps=3, samples=24, work_dir=tmp_path,
+                                   loops="async")
+    assert report["cuda_graph"] is True and report["runs"][0]["images_per_s"] > 0
 
 
 def test_trainer_benchmark_reads_the_peak_of_the_timed_window_from_the_log(tmp_path):

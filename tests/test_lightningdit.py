@@ -197,3 +197,14 @@ def test_arbitrary_pickled_objects_are_refused(tmp_path):
     torch.save({"ema": build_model(tiny()).state_dict(), "extra": Namespace(a=1)}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="not a plain tensor checkpoint"):
         load_lightningdit(tmp_path / "evil.pt", tiny())
+    # Libraries allow-list classes for the whole process on import (megatron-core does Namespace):
+    # our loads still accept exactly their own list, and leave the process-wide one as it was.
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([Namespace])
+    try:
+        with pytest.raises(ValueError, match="not a plain tensor checkpoint"):
+            load_lightningdit(tmp_path / "evil.pt", tiny())
+        assert Namespace in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)

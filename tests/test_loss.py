@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sfd_scale.config import DiffusionConfig
+from sfd_scale.config import DiffusionConfig, ModelConfig
 from sfd_scale.diffusion.loss import SFDLoss, repa_loss
 from sfd_scale.diffusion.schedule import ConstantOffset, sample_train_t, shift_time
+from sfd_scale.models.lightningdit import build_model
 
 
 def test_async_times_follow_spec():
@@ -55,6 +56,28 @@ def test_noised_batch_uses_group_times():
     # the same generator state gives the same draw (exact resume depends on it)
     again = loss.noise(x1, torch.Generator().manual_seed(0))
     assert torch.equal(again.x_t, b.x_t)
+
+
+def test_label_dropout_drawn_by_the_loss_is_the_dropout_the_model_would_draw():
+    # A replayed step (CUDA graph) needs every draw made before the step; the loss now draws the
+    # label-dropout uniforms and hands them to the model: the same numbers as the model's own draw.
+    cfg = ModelConfig(size="custom", depth=1, hidden_size=32, num_heads=2, input_size=4, in_channels=6,
+                      semantic_channels=2, num_classes=5, repa_depth=0, class_dropout_prob=0.5)
+    model = build_model(cfg).train()
+    x, t, y = torch.randn(16, 6, 4, 4), torch.rand(16), torch.arange(16) % 5
+    uniforms = torch.rand(16, generator=torch.Generator().manual_seed(3))
+    assert 0 < int((uniforms < 0.5).sum()) < 16               # some labels dropped, some kept
+    # The conditioning vector (the output layer starts at zero, so outputs would all be 0).
+    drawn_by_model = model.condition(t, t, y, drop_labels=True, generator=torch.Generator().manual_seed(3))
+    given = model.condition(t, t, y, drop_labels=True, label_uniforms=uniforms)
+    torch.testing.assert_close(given, drawn_by_model, rtol=0, atol=0)
+    kept = model.condition(t, t, y, drop_labels=True, label_uniforms=torch.ones(16))
+    assert not torch.allclose(kept, drawn_by_model)           # the uniforms decide which labels drop
+
+    loss = SFDLoss(DiffusionConfig(), semantic_channels=2)
+    draws = loss.draw(x, torch.Generator().manual_seed(0))
+    terms = loss.compute(model, x, y, None, draws)
+    assert terms["loss"] == loss(model, x, y, None, generator=torch.Generator().manual_seed(0))["loss"]
 
 
 def test_loss_terms_against_hand_computation():

@@ -140,7 +140,7 @@ def _loss(model, loss_fn: SFDLoss, batch, gen: torch.Generator, part: slice):
     x, y, feats = (t[part] for t in batch)
     noised = loss_fn.noise(x, gen, BatchPart(part.start or 0, BATCH))
     out, repa = model(noised.x_t, noised.t_tex, noised.t_sem, y, return_repa=True,
-                      generator=noised.label_generator)
+                      label_uniforms=noised.label_uniforms)
     return loss_fn.terms(out, noised.target, repa, feats)["loss"], out
 
 

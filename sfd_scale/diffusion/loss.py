@@ -51,15 +51,29 @@ class BatchPart:
 
 
 @dataclass
+class StepDraws:
+    """A micro-batch's random numbers, on its device: what `SFDLoss.draw` takes from the step's
+    generator. Apart from these, the loss and the model draw nothing, so a step can be replayed
+    (a CUDA graph) with new draws copied into the same tensors."""
+
+    t: torch.Tensor               # (B,) logit-normal times, before the semantic offset
+    x0: torch.Tensor              # (B, C, H, W) standard normal noise
+    label_uniforms: torch.Tensor  # (B,) label dropout's uniforms: a label is dropped below its probability
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {"t": self.t, "x0": self.x0, "label_uniforms": self.label_uniforms}
+
+
+@dataclass
 class NoisedBatch:
-    """Everything one training forward needs, drawn from (x1, generator)."""
+    """Everything one training forward needs, built from (x1, draws)."""
 
     x_t: torch.Tensor         # (B, C, H, W) noised composite latent
     target: torch.Tensor      # (B, C, H, W) velocity x1 - x0
     t_sem: torch.Tensor       # (B,)
     t_tex: torch.Tensor       # (B,)
-    label_generator: torch.Generator
-    """Positioned so the model's label-dropout draws for this micro-batch are its rows' draws."""
+    label_uniforms: torch.Tensor
+    """(B,): this micro-batch's rows of the step's label-dropout draws, for the model."""
 
 
 class SFDLoss:
@@ -70,9 +84,9 @@ class SFDLoss:
         self.semantic_channels = semantic_channels
         self.schedule: OffsetSchedule = build_offset_schedule(cfg.offset, cfg.delta_t)
 
-    def noise(self, x1: torch.Tensor, generator: torch.Generator | None = None,
-              part: BatchPart | None = None) -> NoisedBatch:
-        """Draws t (logit-normal), x0 ~ N(0, I) and builds x_t per channel group.
+    def draw(self, x1: torch.Tensor, generator: torch.Generator | None = None,
+             part: BatchPart | None = None) -> StepDraws:
+        """Draws t (logit-normal), x0 ~ N(0, I) and the label-dropout uniforms of micro-batch `x1`.
 
         `x1` holds rows `part` of the step's global batch (default: all of it). Random numbers
         come from CPU generators so runs are reproducible across devices and world sizes.
@@ -89,13 +103,24 @@ class SFDLoss:
                              x1.device, x1.dtype)
         label_generator = torch.Generator().manual_seed(label_seed)
         torch.rand(part.start, generator=label_generator)  # skip the draws of earlier rows
-        t_sem, t_tex = self.schedule.train_times(t)
+        label_uniforms = to_device_async(torch.rand(b, generator=label_generator), x1.device)
+        return StepDraws(t=t, x0=x0, label_uniforms=label_uniforms)
+
+    def noise(self, x1: torch.Tensor, generator: torch.Generator | None = None,
+              part: BatchPart | None = None) -> NoisedBatch:
+        """`draw`, then x_t per channel group (see `noise_with`)."""
+        return self.noise_with(x1, self.draw(x1, generator, part))
+
+    def noise_with(self, x1: torch.Tensor, draws: StepDraws) -> NoisedBatch:
+        """x_t with texture channels at t_tex and the last `semantic_channels` at t_sem."""
+        b = x1.shape[0]
+        t_sem, t_tex = self.schedule.train_times(draws.t)
         s = self.semantic_channels
-        # Per-channel time: texture channels at t_tex, the last `s` (semantic) at t_sem.
         t_map = torch.cat([t_tex[:, None].expand(b, x1.shape[1] - s), t_sem[:, None].expand(b, s)], dim=1)
         t_map = t_map[:, :, None, None].to(x1.dtype)
-        x_t = t_map * x1 + (1 - t_map) * x0
-        return NoisedBatch(x_t=x_t, target=x1 - x0, t_sem=t_sem, t_tex=t_tex, label_generator=label_generator)
+        x_t = t_map * x1 + (1 - t_map) * draws.x0
+        return NoisedBatch(x_t=x_t, target=x1 - draws.x0, t_sem=t_sem, t_tex=t_tex,
+                           label_uniforms=draws.label_uniforms)
 
     def terms(self, pred: torch.Tensor, target: torch.Tensor, repa_pred: torch.Tensor | None,
               repa_target: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -124,15 +149,17 @@ class SFDLoss:
     def __call__(self, model, x1: torch.Tensor, y: torch.Tensor, feats_dino: torch.Tensor | None,
                  generator: torch.Generator | None = None, part: BatchPart | None = None
                  ) -> dict[str, torch.Tensor]:
-        """Loss terms of micro-batch `x1` (rows `part` of the step's global batch).
+        """Loss terms of micro-batch `x1` (rows `part` of the step's global batch): `draw`, then
+        `compute`."""
+        return self.compute(model, x1, y, feats_dino, self.draw(x1, generator, part))
 
-        The model draws its label-dropout uniforms (one per sample, in row order) from the
-        generator it is given; that is how each row gets its own draw.
-        """
-        batch = self.noise(x1, generator, part)
+    def compute(self, model, x1: torch.Tensor, y: torch.Tensor, feats_dino: torch.Tensor | None,
+                draws: StepDraws) -> dict[str, torch.Tensor]:
+        """Loss terms of micro-batch `x1` with its random numbers already drawn: device work only."""
+        batch = self.noise_with(x1, draws)
         use_repa = feats_dino is not None and self.cfg.repa_weight > 0
         out = model(batch.x_t, batch.t_tex, batch.t_sem, y, return_repa=use_repa,
-                    generator=batch.label_generator)
+                    label_uniforms=batch.label_uniforms)
         pred, repa_pred = out if use_repa else (out, None)
         return self.terms(pred, batch.target, repa_pred, feats_dino if use_repa else None)
 

@@ -230,11 +230,14 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
-    def forward(self, labels: torch.Tensor, drop: bool, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
+    def forward(self, labels: torch.Tensor, drop: bool, generator: torch.Generator | None = None,
+                uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """With `drop`, each label becomes the null label where its uniform draw is below the dropout
+        probability: `uniforms` (one per label, already drawn) or fresh draws from `generator`."""
         if drop and self.dropout_prob > 0:
-            u = to_device_async(torch.rand(labels.shape, generator=generator, device="cpu"), labels.device)
-            labels = torch.where(u < self.dropout_prob, torch.full_like(labels, self.num_classes), labels)
+            if uniforms is None:
+                uniforms = to_device_async(torch.rand(labels.shape, generator=generator, device="cpu"), labels.device)
+            labels = torch.where(uniforms < self.dropout_prob, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
 
 

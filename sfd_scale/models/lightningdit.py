@@ -176,18 +176,22 @@ class LightningDiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, g * p, g * p)
 
     def condition(self, t_tex: torch.Tensor, t_sem: torch.Tensor, y: torch.Tensor,
-                  drop_labels: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+                  drop_labels: bool, generator: torch.Generator | None = None,
+                  label_uniforms: torch.Tensor | None = None) -> torch.Tensor:
         """c = [emb(t_sem), emb(t_tex)] + emb(y): (B, D). Semantic half first, as the reference."""
         t_emb = torch.cat([self.t_embedder_sem(t_sem), self.t_embedder_tex(t_tex)], dim=1)
-        return t_emb + self.y_embedder(y, drop_labels, generator)
+        return t_emb + self.y_embedder(y, drop_labels, generator, label_uniforms)
 
     def forward(self, x: torch.Tensor, t_tex: torch.Tensor, t_sem: torch.Tensor, y: torch.Tensor,
-                return_repa: bool | None = None, generator: torch.Generator | None = None):
+                return_repa: bool | None = None, generator: torch.Generator | None = None,
+                label_uniforms: torch.Tensor | None = None):
         """x (B, C, H, W) with texture channels first; t_tex, t_sem (B,); y (B,) labels.
 
         Trap (as in the reference): in train mode labels are dropped for CFG and the REPA
         projection is returned too, (velocity, repa (B, N, 768)); in eval mode only velocity.
-        `return_repa` overrides the second choice.
+        `return_repa` overrides the second choice. Label dropout compares one uniform per sample
+        with the dropout probability: `label_uniforms` (B,) when given (drawn beforehand, as a
+        replayed CUDA graph needs), else draws from `generator`.
         """
         if return_repa is None:
             return_repa = self.training
@@ -200,7 +204,8 @@ class LightningDiT(nn.Module):
             # weights (FSDP2's param_dtype, DeepSpeed's bf16 mode) would otherwise carry it in bf16,
             # which more than doubles the output's rounding error.
             h = h.to(self.residual_dtype)
-        c = self.condition(t_tex, t_sem, y, drop_labels=self.training, generator=generator)
+        c = self.condition(t_tex, t_sem, y, drop_labels=self.training, generator=generator,
+                           label_uniforms=label_uniforms)
         repa = None
         for index, block in enumerate(self.blocks, start=1):
             h = block(h, c, self.feat_rope)

@@ -6,6 +6,7 @@ through `load_strict` so that no partial load ever passes silently.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 from collections.abc import Mapping, Sequence
@@ -124,15 +125,31 @@ def reference_config_allowlist() -> list:
             float, str, bool, defaultdict]
 
 
+@contextlib.contextmanager
+def _exactly_these_globals(allowed: list):
+    """weights_only's allow-list is exactly `allowed` inside: libraries add classes to it for the
+    whole process when imported (megatron-core adds argparse.Namespace and others), which would
+    otherwise widen what our loads accept depending on what else was imported."""
+    previous = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(allowed)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(previous)
+
+
 def _load_torch_checked(path: Path) -> object:
     """weights_only load; retried once with the OmegaConf allow-list for reference checkpoints."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _exactly_these_globals([]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         allowlist = reference_config_allowlist()
         if "omegaconf" not in str(err) or not allowlist:
             raise
-        with torch.serialization.safe_globals(allowlist):
+        with _exactly_these_globals(allowlist):
             raw = torch.load(path, map_location="cpu", weights_only=True)
         logger.info("'%s': loaded a reference checkpoint whose config is an OmegaConf object "
                     "(allow-listed data classes only)", path)

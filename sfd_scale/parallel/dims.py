@@ -238,6 +238,22 @@ def check_bf16_weights(cfg: SFDConfig, device_type: str | None = None) -> None:
                          f"train.precision={cfg.train.precision}" + (f" on {device_type}" if device_type else ""))
 
 
+def check_cuda_graph(cfg: SFDConfig) -> None:
+    """train.cuda_graph captures a step that never waits for the host, of one process and one
+    micro-batch, with no CUDA graphs of its own inside."""
+    needs = []
+    if not cfg.train.async_metrics:
+        needs.append("train.async_metrics=true (with optim.fused_ema=true): a captured step cannot wait for the host")
+    if cfg.parallel.engine != "local":
+        needs.append(f"parallel.engine=local (got {cfg.parallel.engine})")
+    if cfg.parallel.grad_accum_steps != 1:
+        needs.append(f"parallel.grad_accum_steps=1 (got {cfg.parallel.grad_accum_steps})")
+    if cfg.model.compile != "none" and cfg.model.compile_mode == "reduce-overhead":
+        needs.append("model.compile_mode other than reduce-overhead, whose own CUDA graphs cannot be captured")
+    if needs:
+        raise ValueError("train.cuda_graph needs " + "; ".join(needs))
+
+
 def has_fused_optimizer(parallel: ParallelConfig) -> bool:
     """Whether the engine these settings pick can run the fused AdamW + EMA kernel (optim.fused_ema)."""
     return parallel.engine in ("local", "ddp", "fsdp2") and parallel.tensor_parallel == 1
@@ -285,5 +301,7 @@ def check_config_fits(cfg: SFDConfig, dims: ParallelDims) -> None:
     if cfg.train.async_metrics and not cfg.optim.fused_ema:
         raise ValueError("train.async_metrics needs optim.fused_ema=true (a non-finite step must be skipped on "
                          "the device, without asking the host); set both, with parallel.engine local, ddp or fsdp2")
+    if cfg.train.cuda_graph:
+        check_cuda_graph(cfg)
     if p.backend == "nccl" and cfg.train.device == "cpu":
         raise ValueError("parallel.backend=nccl needs GPUs, but train.device=cpu; use backend gloo or auto")

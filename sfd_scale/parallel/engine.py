@@ -87,9 +87,10 @@ class Engine(abc.ABC):
     def step(self, lr: float, loss: torch.Tensor) -> StepStats:
         """Clip by global norm, skip on non-finite loss/grad norm, else optimizer step + EMA."""
 
-    def step_on_device(self, lr: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_on_device(self, lr: float | torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`step` with no host synchronisation: (grad norm, skipped) as device scalars. Only the
-        engines running the fused AdamW + EMA kernel (optim.fused_ema) can skip on the device."""
+        engines running the fused AdamW + EMA kernel (optim.fused_ema) can skip on the device.
+        `lr` may be a device scalar, which the kernel reads when it runs (a replayed CUDA graph)."""
         raise NotImplementedError(f"{type(self).__name__} cannot step without a host synchronisation; "
                                   "train.async_metrics needs parallel.engine local, ddp or fsdp2 with "
                                   "optim.fused_ema=true")
@@ -174,7 +175,7 @@ class LocalEngine(Engine):
         self.ema.update(self.module)
         return StepStats(grad_norm, skipped=False)
 
-    def step_on_device(self, lr: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_on_device(self, lr: float | torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused step with no host synchronisation at all: (grad norm, skipped) come back as
         device scalars and the skip happens inside the kernel. Needs optim.fused_ema; what the
         trainer runs with train.async_metrics (launchers/bench.py --sync-free times it)."""
@@ -206,14 +207,20 @@ class LocalEngine(Engine):
 
 
 def fused_step_on_device(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], loss: torch.Tensor,
-                         lr: float, max_norm: float, sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         lr: float | torch.Tensor, max_norm: float, sharded: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip scale, AdamW and EMA in the fused kernel (`AdamWEMA`), skipping on the device when the
     loss or the global gradient norm is not finite on any rank; (grad norm, skipped) stay device
-    scalars. `grads` are this rank's gradients (local shards when `sharded`)."""
+    scalars. `grads` are this rank's gradients (local shards when `sharded`); `lr` a number or a
+    device scalar."""
     norm, bad_loss = grad_norm_and_bad_loss(grads, loss, sharded=sharded)
     skipped = torch.maximum(bad_loss, (~torch.isfinite(norm)).float())
-    set_lr(optimizer, lr)
-    optimizer.step(grad_scale=clip_coefficient(norm, max_norm) if max_norm > 0 else None, skip=skipped)
+    lr_on_device = None
+    if isinstance(lr, torch.Tensor):
+        lr_on_device = lr
+    else:
+        set_lr(optimizer, lr)
+    optimizer.step(grad_scale=clip_coefficient(norm, max_norm) if max_norm > 0 else None, skip=skipped,
+                   lr=lr_on_device)
     return norm, skipped > 0
 
 

@@ -149,7 +149,7 @@ class FSDP2Engine(Engine):
         self.ema.update(self.params)
         return StepStats(grad_norm, skipped=False)
 
-    def step_on_device(self, lr: float, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_on_device(self, lr: float | torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused step (optim.fused_ema) on the local shards, with no host synchronisation."""
         if not self.optim_cfg.fused_ema:
             raise ValueError("a step without host synchronisation needs optim.fused_ema=true")

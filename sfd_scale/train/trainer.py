@@ -30,7 +30,7 @@ import torch
 
 from sfd_scale.config import SFDConfig, bf16_compute, model_differences, to_dict
 from sfd_scale.data.loader import LatentShardDataset, ShardLoader
-from sfd_scale.diffusion.loss import BatchPart, SFDLoss
+from sfd_scale.diffusion.loss import BatchPart, SFDLoss, StepDraws
 from sfd_scale.host_copy import to_host_async
 from sfd_scale.logging import MetricsLogger
 from sfd_scale.models.fast_paths import mark_step_begin
@@ -44,6 +44,7 @@ from sfd_scale.train.collective_checkpoint import (check_same_manifest, latest_r
                                                    save_collective, save_rank_rng)
 from sfd_scale.train.gc_schedule import ScheduledGC
 from sfd_scale.train.guards import NumericalGuard
+from sfd_scale.train.step_graph import GraphedStep
 from sfd_scale.train.optim import lr_at
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,13 @@ class Trainer:
         self.skipped_steps = 0
         self.guard = NumericalGuard(cfg.guard, cfg.train)  # bad-step streaks, rollback (train/guards.py)
         self._saved_step: int | None = None
+        self.graphed_step: GraphedStep | None = None
+        if cfg.train.cuda_graph:
+            self.graphed_step, self._term_names = build_graphed_step(self.engine, self.loss_fn, cfg.train.precision,
+                                                                     self.device)
+            log.info("step: CUDA graphs, replayed after %d eager warm-up steps" if self.graphed_step.capture else
+                     "step: train.cuda_graph without CUDA runs eagerly on fixed input tensors (%d warm-up steps "
+                     "would precede a capture)", self.graphed_step.warmup_steps)
         log.info("model LightningDiT-%s: %.2f M parameters, attention %s, device %s, engine %s (%s), "
                  "%d micro-batch(es) of %d per rank and step",
                  cfg.model.size, count_parameters(self.engine.unwrap()) / 1e6,
@@ -225,6 +233,16 @@ class Trainer:
         `_finish`, which the loop calls after queueing the next step."""
         x, y, feats = next(self.batches)
         use_feats = self.cfg.model.repa_depth > 0
+        lr = lr_at(self.step, self.cfg.optim) * self.guard.lr_scale  # lowered by rollbacks
+        if self.graphed_step is not None:
+            x = self._to_device(x)
+            inputs = step_inputs(self.loss_fn, x, self._to_device(y), self._to_device(feats) if use_feats else None,
+                                 self.generator, self._part(0))
+            out, n = self.graphed_step(inputs, lr), len(self._term_names)  # loss terms, grad norm, skipped
+            loss = out[self._term_names.index("loss")]
+            values, ready = to_host_async(self._step_numbers(out[:n], loss, out[n], out[n + 1]))
+            self.step += 1
+            return _LaunchedStep(self.step, lr, list(self._term_names), values, ready, self.guard.rollbacks)
         step_draws = self.generator.get_state()
         mark_step_begin(self.cfg.model.compile_mode)
         self.engine.zero_grad()
@@ -233,29 +251,36 @@ class Trainer:
             rows = slice(k * self.micro_batch, (k + 1) * self.micro_batch)
             # Every micro-batch reads the step's draws from the start and keeps its own rows.
             self.generator.set_state(step_draws)
-            part = BatchPart(self.dims.dp_rank * self.rank_batch + rows.start, self.cfg.train.global_batch_size)
             with self.engine.micro_step(last=k == self.accum_steps - 1):
                 with autocast_for(self.cfg.train.precision, self.device):
                     terms = self.loss_fn(self.engine.model, self._to_device(x[rows]), self._to_device(y[rows]),
                                          self._to_device(feats[rows]) if use_feats else None,
-                                         generator=self.generator, part=part)
+                                         generator=self.generator, part=self._part(rows.start))
                 self.engine.backward(terms["loss"] / self.accum_steps)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / self.accum_steps
-        lr = lr_at(self.step, self.cfg.optim) * self.guard.lr_scale  # lowered by rollbacks
         losses = torch.stack(list(sums.values()))
         if self.cfg.train.async_metrics:
             norm, skipped = self.engine.step_on_device(lr, sums["loss"])  # skip decided on the device
-            numbers = [losses.double(), norm.double().reshape(1), skipped.double().reshape(1)]
-            if self.guard.watches_spikes:  # the guard's rank average, reduced on the device too
-                numbers.append(distributed.all_reduce(sums["loss"].double().reshape(1)) / self.dims.world_size)
-            values, ready = to_host_async(torch.cat(numbers))
+            values, ready = to_host_async(self._step_numbers(losses, sums["loss"], norm, skipped))
         else:
             stats = self.engine.step(lr, sums["loss"])  # the engine decided the skip for all ranks together
             values = torch.tensor(losses.tolist() + [stats.grad_norm, float(stats.skipped)], dtype=torch.float64)
             ready = None
         self.step += 1
         return _LaunchedStep(self.step, lr, list(sums), values, ready, self.guard.rollbacks)
+
+    def _part(self, start: int) -> BatchPart:
+        """Where rows from `start` of this rank's block sit in the step's global batch."""
+        return BatchPart(self.dims.dp_rank * self.rank_batch + start, self.cfg.train.global_batch_size)
+
+    def _step_numbers(self, losses: torch.Tensor, loss: torch.Tensor, norm: torch.Tensor,
+                      skipped: torch.Tensor) -> torch.Tensor:
+        """A device-side step's numbers in `_LaunchedStep.values` order."""
+        numbers = [losses.double(), norm.double().reshape(1), skipped.double().reshape(1)]
+        if self.guard.watches_spikes:  # the guard's rank average, reduced on the device too
+            numbers.append(distributed.all_reduce(loss.double().reshape(1)) / self.dims.world_size)
+        return torch.cat(numbers)
 
     def _finish(self, launched: _LaunchedStep) -> StepResult:
         """Read a launched step's numbers (waiting for them if need be), count a skip and let the
@@ -356,6 +381,38 @@ class Trainer:
         ema = self.engine.ema_model()  # collective for sharded engines
         if logger is not None:
             logger.log_image(self.step, "samples", self.preview(ema, self.step))
+
+
+def step_inputs(loss_fn: SFDLoss, x: torch.Tensor, y: torch.Tensor, feats: torch.Tensor | None,
+                generator: torch.Generator, part: BatchPart) -> dict[str, torch.Tensor]:
+    """A micro-batch on the device and its random draws: the inputs of `build_graphed_step`'s step."""
+    inputs = {"x": x, "y": y, **loss_fn.draw(x, generator, part).as_dict()}
+    if feats is not None:
+        inputs["feats"] = feats
+    return inputs
+
+
+def build_graphed_step(engine: Engine, loss_fn: SFDLoss, precision: str, device: torch.device
+                       ) -> tuple[GraphedStep, list[str]]:
+    """The whole sync-free SFD step of a local engine as a `GraphedStep` taking `step_inputs` and
+    returning one float tensor: the loss terms, the gradient norm and the skip flag (0/1). The
+    list names the loss terms in that order; it is filled by the first call."""
+    names: list[str] = []
+
+    def gradients(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        engine.zero_grad()
+        draws = StepDraws(inputs["t"], inputs["x0"], inputs["label_uniforms"])
+        with autocast_for(precision, device):
+            terms = loss_fn.compute(engine.model, inputs["x"], inputs["y"], inputs.get("feats"), draws)
+        engine.backward(terms["loss"])
+        names[:] = list(terms)
+        return torch.stack([value.detach().float() for value in terms.values()])
+
+    def update(losses: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        norm, skipped = engine.step_on_device(lr, losses[names.index("loss")])  # skip decided on the device
+        return torch.cat([losses, norm.float().reshape(1), skipped.float().reshape(1)])
+
+    return GraphedStep(gradients, update, engine.optimizer, device), names
 
 
 def _endless(loader: ShardLoader):
