@@ -25,10 +25,11 @@ def data_dir(tmp_path_factory):
     return write_latent_folder(tmp_path_factory.mktemp("graph") / "latents")
 
 
-def _config(data_dir, cuda_graph: bool, **train):
-    return tiny_sfd_config(data_dir, optim={"lr": 1e-3, "warmup_steps": 3, "fused_ema": True},
+def _config(data_dir, cuda_graph: bool, bf16_weights: bool = False):
+    optim = {"lr": 1e-3, "warmup_steps": 3, "fused_ema": True, "bf16_weights": bf16_weights}
+    return tiny_sfd_config(data_dir, optim=optim,
                            train={"async_metrics": True, "cuda_graph": cuda_graph, "log_every": 2, "ckpt_every": 3,
-                                  **train})
+                                  "precision": "bf16" if bf16_weights else "auto"})
 
 
 def _poison(trainer: Trainer, steps: set[int]) -> None:
@@ -70,10 +71,12 @@ def _assert_same(got, want) -> None:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_graphed_steps_give_the_ordinary_numbers_weights_skips_and_survive_a_state_reload(tmp_path, data_dir):
+@pytest.mark.parametrize("bf16_weights", [False, True], ids=["fp32-weights", "bf16-weight-copies"])
+def test_graphed_steps_give_the_ordinary_numbers_weights_skips_and_survive_a_state_reload(tmp_path, data_dir,
+                                                                                          bf16_weights):
     runs = {}
     for graphed in (False, True):
-        trainer = Trainer(_config(data_dir, graphed), tmp_path / str(graphed))
+        trainer = Trainer(_config(data_dir, graphed, bf16_weights), tmp_path / str(graphed))
         _poison(trainer, {2, 5})  # skipped during the warm-up (2) and after the capture (5)
         trainer.fit(6, final_checkpoint=False)
         # What a guard rollback does: the optimizer state gets new tensors under a captured step.
