@@ -113,6 +113,46 @@ def test_a_graphed_step_refuses_inputs_of_another_shape_or_name():
         GraphedStep(lambda i: i, lambda losses, lr: losses, torch.optim.AdamW([weight]), torch.device("cpu"))
 
 
+class _RecordedGraphs(GraphedStep):
+    """GraphedStep's own sequencing, with its three CUDA operations recorded instead of run."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.capture, self.events = True, []
+
+    def _run_on_stream(self) -> torch.Tensor:
+        self.events.append("eager")
+        return self.update(self.gradients(self._inputs), self._lr)
+
+    def _capture_graphs(self) -> tuple:
+        self.events.append("capture")
+        self._output = self.update(self.gradients(self._inputs), self._lr)  # what a capture records
+        return "gradients graph", "update graph"
+
+    def _replay(self) -> torch.Tensor:
+        self.events.append("replay")
+        return self._output
+
+
+def test_a_graphed_step_warms_up_captures_once_and_captures_again_after_a_state_load():
+    from sfd_scale.kernels.adamw_ema import AdamWEMA
+
+    weight = torch.zeros(4, requires_grad=True)
+    optimizer = AdamWEMA([weight], [torch.zeros(4)], ema_decay=0.9)
+    step = _RecordedGraphs(lambda inputs: inputs["x"].sum().reshape(1), lambda losses, lr: losses * lr, optimizer,
+                           torch.device("cpu"), warmup_steps=2)
+    for _ in range(4):
+        step({"x": torch.ones(3)}, 0.5)
+    assert step.events == ["eager", "eager", "capture", "replay", "replay"] and step.captures == 1
+    optimizer.load_state_dict(optimizer.state_dict())  # new state tensors: the graphs are stale
+    step.events.clear()
+    for _ in range(4):
+        step({"x": torch.ones(3)}, 0.5)
+    assert step.events == ["eager", "eager", "capture", "replay", "replay"] and step.captures == 2
+    with pytest.raises(ValueError, match="at least one eager warm-up step"):
+        GraphedStep(lambda i: i, lambda losses, lr: losses, optimizer, torch.device("cpu"), warmup_steps=0)
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"train": {"cuda_graph": True}}, "train.cuda_graph needs train.async_metrics=true"),
     ({"optim": {"fused_ema": True}, "train": {"cuda_graph": True, "async_metrics": True},

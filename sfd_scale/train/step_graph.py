@@ -79,11 +79,11 @@ class GraphedStep:
             if self._warm < self.warmup_steps:
                 self._warm += 1
                 return self._run_on_stream()
-            self._capture_graphs()
-        gradients, update = self._graphs
-        gradients.replay()
-        update.replay()
-        return self._output
+            self._graphs = self._capture_graphs()
+            self._captured_version = self.optimizer.state_version
+            self.captures += 1
+            log.info("training step captured as CUDA graphs (capture %d)", self.captures)
+        return self._replay()
 
     def _copy_in(self, inputs: dict[str, torch.Tensor], lr: float) -> None:
         if not self._inputs:
@@ -110,16 +110,25 @@ class GraphedStep:
         out.record_stream(current)  # the caller reads it on its stream
         return out
 
-    def _capture_graphs(self) -> None:
+    def _capture_graphs(self) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
+        """The gradients and update graphs; their outputs stay in `_losses` and `_output`."""
         gradients, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         # thread_local: the loader's reader threads may wait on their copy events meanwhile, which
         # the default mode forbids to every thread (autograd's backward thread only launches kernels).
-        with torch.cuda.graph(gradients, stream=self._stream, capture_error_mode="thread_local"):
-            self._losses = self.gradients(self._inputs)
-        self.optimizer.freeze_tables()  # the gradients now sit in the graph's memory, at fixed addresses
-        with torch.cuda.graph(update, pool=gradients.pool(), stream=self._stream, capture_error_mode="thread_local"):
-            self._output = self.update(self._losses, self._lr)
-        self._graphs = (gradients, update)
-        self._captured_version = self.optimizer.state_version
-        self.captures += 1
-        log.info("training step captured as CUDA graphs (capture %d)", self.captures)
+        try:
+            with torch.cuda.graph(gradients, stream=self._stream, capture_error_mode="thread_local"):
+                self._losses = self.gradients(self._inputs)
+            self.optimizer.freeze_tables()  # the gradients now sit in the graph's memory, at fixed addresses
+            with torch.cuda.graph(update, pool=gradients.pool(), stream=self._stream,
+                                  capture_error_mode="thread_local"):
+                self._output = self.update(self._losses, self._lr)
+        except RuntimeError as err:
+            raise RuntimeError(f"capturing the training step as CUDA graphs failed ({err}); an operation in the "
+                               "step cannot be captured: run with train.cuda_graph=false") from err
+        return gradients, update
+
+    def _replay(self) -> torch.Tensor:
+        gradients, update = self._graphs
+        gradients.replay()
+        update.replay()
+        return self._output
