@@ -44,8 +44,8 @@ from sfd_scale.train.collective_checkpoint import (check_same_manifest, latest_r
                                                    save_collective, save_rank_rng)
 from sfd_scale.train.gc_schedule import ScheduledGC
 from sfd_scale.train.guards import NumericalGuard
-from sfd_scale.train.step_graph import GraphedStep
 from sfd_scale.train.optim import lr_at
+from sfd_scale.train.step_graph import GraphedStep
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +235,7 @@ class Trainer:
         use_feats = self.cfg.model.repa_depth > 0
         lr = lr_at(self.step, self.cfg.optim) * self.guard.lr_scale  # lowered by rollbacks
         if self.graphed_step is not None:
-            x = self._to_device(x)
-            inputs = step_inputs(self.loss_fn, x, self._to_device(y), self._to_device(feats) if use_feats else None,
-                                 self.generator, self._part(0))
-            out, n = self.graphed_step(inputs, lr), len(self._term_names)  # loss terms, grad norm, skipped
-            loss = out[self._term_names.index("loss")]
-            values, ready = to_host_async(self._step_numbers(out[:n], loss, out[n], out[n + 1]))
-            self.step += 1
-            return _LaunchedStep(self.step, lr, list(self._term_names), values, ready, self.guard.rollbacks)
+            return self._launch_graphed(x, y, feats if use_feats else None, lr)
         step_draws = self.generator.get_state()
         mark_step_begin(self.cfg.model.compile_mode)
         self.engine.zero_grad()
@@ -269,6 +262,18 @@ class Trainer:
             ready = None
         self.step += 1
         return _LaunchedStep(self.step, lr, list(sums), values, ready, self.guard.rollbacks)
+
+    def _launch_graphed(self, x: torch.Tensor, y: torch.Tensor, feats: torch.Tensor | None,
+                        lr: float) -> _LaunchedStep:
+        """`_launch` through the CUDA-graph step (train.cuda_graph): one micro-batch, numbers on the device."""
+        x = self._to_device(x)
+        inputs = step_inputs(self.loss_fn, x, self._to_device(y), None if feats is None else self._to_device(feats),
+                             self.generator, self._part(0))
+        out, n = self.graphed_step(inputs, lr), len(self._term_names)  # loss terms, grad norm, skipped
+        loss = out[self._term_names.index("loss")]
+        values, ready = to_host_async(self._step_numbers(out[:n], loss, out[n], out[n + 1]))
+        self.step += 1
+        return _LaunchedStep(self.step, lr, list(self._term_names), values, ready, self.guard.rollbacks)
 
     def _part(self, start: int) -> BatchPart:
         """Where rows from `start` of this rank's block sit in the step's global batch."""
