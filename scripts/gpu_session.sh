@@ -108,6 +108,9 @@ run_named() {
       --json "$OUT/xxl_graph_bf16_residual.json" ;;
     graph_tensorwise) step step_graph_bf16_weights_fp8_tensorwise 120 $PY "${GRAPH[@]}" --fp8 tensorwise \
       --json "$OUT/xxl_graph_fp8_tensorwise.json" ;;
+    trainer_graph_ddp) step trainer_loop_step_graph_ddp 150 $PY -m torch.distributed.run --nproc_per_node 1 \
+      "${TRAINER[@]}" --set parallel.engine=ddp --set model.compile_mode=default --set train.cuda_graph=true \
+      --loops async --warmup 14 --json "$OUT/trainer_graph_ddp.json" ;;
     trainer_graph) step trainer_loop_step_graph 130 $PY "${TRAINER[@]}" --set model.compile_mode=default \
       --set train.cuda_graph=true --loops async --json "$OUT/trainer_graph.json" ;;
     reference) step reference_as_shipped 100 $PY .peer/peer_bench.py step --batch 32 --ema loop ;;
@@ -160,7 +163,7 @@ STEPS=("$@")
 # SDPA's flash kernel against the cuDNN one it picks (6.1 ms of attention on the H100);
 # the kernel tests; the loss curves of the bf16 residual and FP8 tensorwise against bf16; then the
 # rows that attribute the gains.
-(( ${#STEPS[@]} )) || STEPS=(env graph_tests graph weights trainer_graph reference reference_tuned graph_residual graph_tensorwise trainer trainer_resident weights_residual best_tensorwise best_gw_hp attn_flash kernel_tests
+(( ${#STEPS[@]} )) || STEPS=(env graph_tests graph weights trainer_graph reference reference_tuned graph_residual graph_tensorwise trainer_graph_ddp trainer trainer_resident weights_residual best_tensorwise best_gw_hp attn_flash kernel_tests
   fp8_curve tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
   ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done

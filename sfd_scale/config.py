@@ -183,11 +183,11 @@ class TrainConfig:
     step one step later, so a rollback also discards the step run meanwhile. Steps that log,
     checkpoint or preview still wait for their own numbers."""
     cuda_graph: bool = False
-    """Replay the whole step (forward, loss, backward, clip, AdamW, EMA) as CUDA graphs after two
-    eager warm-up steps (train/step_graph.py): the host launches two graphs per step instead of
-    every kernel. Same numbers. Needs train.async_metrics, parallel.engine local, one micro-batch
-    per step and no model.compile_mode=reduce-overhead (graphs do not nest); without CUDA the step
-    runs eagerly on the same fixed input tensors."""
+    """Replay the whole step (forward, loss, backward with DDP's all-reduces, clip, AdamW, EMA) as
+    CUDA graphs after eager warm-up steps (2; 11 under DDP) (train/step_graph.py): the host launches
+    two graphs per step instead of every kernel. Same numbers. Needs train.async_metrics,
+    parallel.engine local or ddp, one micro-batch per step and no model.compile_mode=reduce-overhead
+    (graphs do not nest); without CUDA the step runs eagerly on the same fixed input tensors."""
 
 
 @dataclass

@@ -57,7 +57,9 @@ def _main(argv: list[str] | None = None) -> None:
     model, ema = trainer.engine.consolidated_state()
     if dims.is_main and args.dump is not None:
         torch.save({"losses": read_losses(args.run_dir), "model": model, "ema": ema,
-                    "step": trainer.step, "world_size": dims.world_size}, args.dump)
+                    "step": trainer.step, "world_size": dims.world_size,
+                    "graph_warmup_steps": None if trainer.graphed_step is None else trainer.graphed_step.warmup_steps},
+                   args.dump)
 
 
 def main() -> None:
@@ -86,6 +88,37 @@ def run_and_exit(worker: Callable[[], None]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Launching from tests
 # ----------------------------------------------------------------------------------------------
+def train_on_two_ranks(tmp_path: Path, cfg, engine: str, run: str, max_steps: int) -> dict:
+    """Train `cfg` (an SFDConfig) on 2 ranks of `engine` (resuming `run` if it has a checkpoint),
+    with the fused kernels in Triton's interpreter; the worker's dump."""
+    import torch
+    import yaml
+
+    from sfd_scale.config import to_dict
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    dump = tmp_path / f"{run}-{max_steps}.pt"
+    launch(2, ["--config", str(tmp_path / "cfg.yaml"), "--run-dir", str(tmp_path / run), "--max-steps",
+               str(max_steps), "--set", f"parallel.engine={engine}", "--dump", str(dump)], tmp_path / f"{run}-logs",
+           env={"TRITON_INTERPRET": "1"}, timeout=300)
+    return torch.load(dump, weights_only=True)
+
+
+def assert_ranks_match_one_process(dump: dict, single, steps: tuple[int, ...]) -> None:
+    """The logged losses at `steps` and the consolidated model and EMA of a multi-rank run's `dump`
+    equal (to float noise) those of `single`, a Trainer that ran the same steps in one process."""
+    import pytest
+    import torch
+
+    want, got = read_losses(single.run_dir), dump["losses"]
+    assert sorted(got) == sorted(want) == list(steps)
+    assert [got[s] for s in steps] == pytest.approx([want[s] for s in steps], rel=1e-5)
+    model, ema = single.engine.consolidated_state()
+    for name, expected in (("model", model), ("ema", ema)):
+        for key, value in expected.items():
+            torch.testing.assert_close(dump[name][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}.{key}: {m}")
+
+
 class WorkerError(RuntimeError):
     """A worker failed or timed out; the message holds the end of every rank's output."""
 

@@ -13,12 +13,10 @@ import logging
 
 import pytest
 import torch
-import yaml
 
-from dist_worker import launch, read_losses
+from dist_worker import assert_ranks_match_one_process, read_losses, train_on_two_ranks
 from fault_worker import assert_identical
 from fixtures import HostReads, tiny_sfd_config, triton_interpreter_without_gpu, write_latent_folder  # noqa: F401
-from sfd_scale.config import to_dict
 from sfd_scale.parallel.dims import ParallelDims, check_config_fits
 from sfd_scale.train.checkpoint import read_state
 from sfd_scale.train.trainer import Trainer
@@ -163,16 +161,6 @@ def test_spike_detection_sees_the_same_losses_read_late(tmp_path, data_dir):
     assert guards[True] == guards[False]
 
 
-def _two_ranks(tmp_path, cfg, engine: str, run: str, max_steps: int) -> dict:
-    """Train `cfg` on 2 ranks of `engine` (resuming `run` if it has a checkpoint); the worker's dump."""
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    dump = tmp_path / f"{run}-{max_steps}.pt"
-    launch(2, ["--config", str(tmp_path / "cfg.yaml"), "--run-dir", str(tmp_path / run), "--max-steps",
-               str(max_steps), "--set", f"parallel.engine={engine}", "--dump", str(dump)], tmp_path / f"{run}-logs",
-           env={"TRITON_INTERPRET": "1"}, timeout=300)
-    return torch.load(dump, weights_only=True)
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_two_ranks_with_async_metrics_match_one_process(tmp_path, data_dir, engine):
@@ -180,22 +168,15 @@ def test_two_ranks_with_async_metrics_match_one_process(tmp_path, data_dir, engi
     cfg = _config(data_dir, True, train={"log_every": 2, "ckpt_every": 3}, guard={"spike_factor": 5.0, "spike_window": 2})
     single = Trainer(cfg, tmp_path / "single")
     single.fit(4)
-    ddp = _two_ranks(tmp_path, cfg, engine, engine, 4)
-    want, got = read_losses(tmp_path / "single"), ddp["losses"]
-    assert sorted(got) == sorted(want) == [2, 4]
-    assert [got[s] for s in (2, 4)] == pytest.approx([want[s] for s in (2, 4)], rel=1e-5)
-    model, ema = single.engine.consolidated_state()
-    for name, expected in (("model", model), ("ema", ema)):
-        for key, value in expected.items():
-            torch.testing.assert_close(ddp[name][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}.{key}: {m}")
+    assert_ranks_match_one_process(train_on_two_ranks(tmp_path, cfg, engine, engine, 4), single, steps=(2, 4))
 
 
 @pytest.mark.distributed
 def test_fsdp2_fused_optimizer_resumes_exactly_from_its_sharded_state(tmp_path, data_dir):
     cfg = _config(data_dir, True, train={"log_every": 2, "ckpt_every": 2})
-    straight = _two_ranks(tmp_path, cfg, "fsdp2", "straight", 4)
-    _two_ranks(tmp_path, cfg, "fsdp2", "resumed", 2)
-    resumed = _two_ranks(tmp_path, cfg, "fsdp2", "resumed", 4)  # from the DCP checkpoint of step 2
+    straight = train_on_two_ranks(tmp_path, cfg, "fsdp2", "straight", 4)
+    train_on_two_ranks(tmp_path, cfg, "fsdp2", "resumed", 2)
+    resumed = train_on_two_ranks(tmp_path, cfg, "fsdp2", "resumed", 4)  # from the DCP checkpoint of step 2
     assert resumed["step"] == straight["step"] == 4
     assert_identical(resumed["model"], straight["model"])
     assert_identical(resumed["ema"], straight["ema"])
@@ -223,7 +204,7 @@ def test_compiled_blocks_fused_optimizer_and_async_metrics_on_two_ranks_train_li
     single = Trainer(cfg, tmp_path / "single")
     single.fit(4)
     compiled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile="blocks"))
-    got = _two_ranks(tmp_path, compiled, engine, "compiled", 4)["losses"]
+    got = train_on_two_ranks(tmp_path, compiled, engine, "compiled", 4)["losses"]
     want = read_losses(tmp_path / "single")
     assert sorted(got) == sorted(want) == [2, 4]
     assert [got[s] for s in (2, 4)] == pytest.approx([want[s] for s in (2, 4)], rel=1e-4)

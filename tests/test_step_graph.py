@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from dist_worker import assert_ranks_match_one_process, train_on_two_ranks
 from fault_worker import assert_identical
 from fixtures import tiny_sfd_config, triton_interpreter_without_gpu, write_latent_folder  # noqa: F401
 from sfd_scale.parallel.dims import ParallelDims, check_config_fits
@@ -96,6 +97,17 @@ def test_graphed_steps_give_the_ordinary_numbers_weights_skips_and_survive_a_sta
     assert [r["skipped_steps"] for r in _rows(tmp_path / "True")] == [1, 1, 2, 2, 2]
 
 
+@pytest.mark.distributed
+def test_two_ddp_ranks_with_graphed_steps_match_one_process(tmp_path, data_dir):
+    # Under DDP the captured step holds DDP's all-reduces; it waits 11 eager steps before capturing.
+    cfg = _config(data_dir, cuda_graph=True)
+    single = Trainer(cfg, tmp_path / "single")
+    single.fit(4)
+    ddp = train_on_two_ranks(tmp_path, cfg, "ddp", "ddp", 4)
+    assert ddp["graph_warmup_steps"] == 11 and single.graphed_step.warmup_steps == 2
+    assert_ranks_match_one_process(ddp, single, steps=(2, 4))
+
+
 def test_a_graphed_step_refuses_inputs_of_another_shape_or_name():
     from sfd_scale.kernels.adamw_ema import AdamWEMA
 
@@ -156,7 +168,7 @@ def test_a_graphed_step_warms_up_captures_once_and_captures_again_after_a_state_
 @pytest.mark.parametrize("settings, message", [
     ({"train": {"cuda_graph": True}}, "train.cuda_graph needs train.async_metrics=true"),
     ({"optim": {"fused_ema": True}, "train": {"cuda_graph": True, "async_metrics": True},
-      "parallel": {"engine": "ddp"}}, r"train.cuda_graph needs parallel.engine=local \(got ddp\)"),
+      "parallel": {"engine": "fsdp2"}}, r"parallel.engine local or ddp without tensor parallelism \(got fsdp2"),
     ({"optim": {"fused_ema": True}, "train": {"cuda_graph": True, "async_metrics": True},
       "parallel": {"grad_accum_steps": 2}}, r"parallel.grad_accum_steps=1 \(got 2\)"),
     ({"optim": {"fused_ema": True}, "train": {"cuda_graph": True, "async_metrics": True},

@@ -239,13 +239,15 @@ def check_bf16_weights(cfg: SFDConfig, device_type: str | None = None) -> None:
 
 
 def check_cuda_graph(cfg: SFDConfig) -> None:
-    """train.cuda_graph captures a step that never waits for the host, of one process and one
-    micro-batch, with no CUDA graphs of its own inside."""
+    """train.cuda_graph captures a step that never waits for the host, of one micro-batch, on one
+    device or under DDP (whose all-reduces NCCL lets a graph hold), with no CUDA graphs of its own
+    inside."""
     needs = []
     if not cfg.train.async_metrics:
         needs.append("train.async_metrics=true (with optim.fused_ema=true): a captured step cannot wait for the host")
-    if cfg.parallel.engine != "local":
-        needs.append(f"parallel.engine=local (got {cfg.parallel.engine})")
+    if cfg.parallel.engine not in ("local", "ddp") or cfg.parallel.tensor_parallel != 1:
+        needs.append(f"parallel.engine local or ddp without tensor parallelism (got {cfg.parallel.engine}, "
+                     f"tensor_parallel {cfg.parallel.tensor_parallel})")
     if cfg.parallel.grad_accum_steps != 1:
         needs.append(f"parallel.grad_accum_steps=1 (got {cfg.parallel.grad_accum_steps})")
     if cfg.model.compile != "none" and cfg.model.compile_mode == "reduce-overhead":

@@ -11,7 +11,10 @@ A capture records kernels with their arguments and addresses, so:
 - the step reads nothing back to the host: it is the sync-free step (fused AdamW + EMA, skip
   decided on the device, `train.async_metrics`);
 - its first calls run eagerly on the capture stream (warm-up: compilation, autotuning, the
-  optimizer's state, cuBLAS workspaces), then it is captured;
+  optimizer's state, cuBLAS workspaces), then it is captured. Under DDP the warm-up is 11 steps
+  (DDP rebuilds its buckets and samples its timers in its first iterations), and DDP itself must be
+  built on the capture stream: it keeps the gradient-accumulation nodes of the parameters, which
+  remember the stream they were made on (`capture_stream`);
 - the fused optimizer's address tables must be on the device before its capture, yet they hold
   the gradients' addresses, which only exist once the backward has been captured: the step is
   two graphs, gradients (forward, loss, backward) then update (norm, clip, AdamW, EMA), with
@@ -25,8 +28,9 @@ fixed input tensors; CPU tests compare that with the trainer's ordinary step.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -38,12 +42,32 @@ Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(loss terms, learning rate as a device scalar) -> the step's numbers (device tensor)."""
 
 
+DDP_WARMUP_STEPS = 11
+"""Eager steps before a capture under DDP (PyTorch's CUDA-graph notes: DDP's own bookkeeping of
+its first iterations must be over)."""
+
+
+@contextlib.contextmanager
+def capture_stream(device: torch.device, wanted: bool) -> Iterator[torch.cuda.Stream | None]:
+    """The stream a `GraphedStep` will warm up and capture on, current inside the block (None, and
+    no change, without CUDA or when not `wanted`). Build what keeps autograd nodes across steps
+    (DDP) inside it; afterwards the caller's stream waits for what was queued on it."""
+    if not wanted or device.type != "cuda":
+        yield None
+        return
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield stream
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
 class GraphedStep:
     """Runs gradients-then-update on fixed input tensors; on CUDA, after `warmup_steps` eager
     calls, as two captured CUDA graphs. The tensor a call returns is overwritten by the next call."""
 
     def __init__(self, gradients: Gradients, update: Update, optimizer: torch.optim.Optimizer,
-                 device: torch.device, warmup_steps: int = 2) -> None:
+                 device: torch.device, warmup_steps: int = 2, stream: torch.cuda.Stream | None = None) -> None:
         if warmup_steps < 1:
             raise ValueError(f"a CUDA-graph step needs at least one eager warm-up step, got {warmup_steps}")
         if not hasattr(optimizer, "freeze_tables"):
@@ -59,7 +83,7 @@ class GraphedStep:
         """Times the step was captured (more than one after checkpoint loads)."""
         self._inputs: dict[str, torch.Tensor] = {}
         self._lr = torch.zeros((), dtype=torch.float32, device=device)
-        self._stream = torch.cuda.Stream(device) if self.capture else None
+        self._stream = (stream or torch.cuda.Stream(device)) if self.capture else None
         self._warm = 0
         self._graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = None
         self._losses: torch.Tensor | None = None  # the gradients graph's output, the update graph's input

@@ -45,7 +45,7 @@ from sfd_scale.train.collective_checkpoint import (check_same_manifest, latest_r
 from sfd_scale.train.gc_schedule import ScheduledGC
 from sfd_scale.train.guards import NumericalGuard
 from sfd_scale.train.optim import lr_at
-from sfd_scale.train.step_graph import GraphedStep
+from sfd_scale.train.step_graph import DDP_WARMUP_STEPS, GraphedStep, capture_stream
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,9 @@ class Trainer:
         self.rank_batch = cfg.train.global_batch_size // self.dims.dp
         self.micro_batch = self.rank_batch // self.accum_steps
         torch.manual_seed(cfg.train.seed)  # same on every rank: replicated engines start equal
-        self.engine: Engine = build_engine(cfg, self.dims, self.device)
+        # A step captured as CUDA graphs (train.cuda_graph) needs DDP built on its capture stream.
+        with capture_stream(self.device, cfg.train.cuda_graph) as stream:
+            self.engine: Engine = build_engine(cfg, self.dims, self.device)
         self.loss_fn = SFDLoss(cfg.diffusion, cfg.model.semantic_channels)
         # Noise, times and label dropout come from this generator, saved in every checkpoint.
         # Every rank draws the whole global batch's numbers from it and keeps its rows.
@@ -129,8 +131,9 @@ class Trainer:
         self._saved_step: int | None = None
         self.graphed_step: GraphedStep | None = None
         if cfg.train.cuda_graph:
-            self.graphed_step, self._term_names = build_graphed_step(self.engine, self.loss_fn, cfg.train.precision,
-                                                                     self.device)
+            self.graphed_step, self._term_names = build_graphed_step(
+                self.engine, self.loss_fn, cfg.train.precision, self.device, stream=stream,
+                warmup_steps=DDP_WARMUP_STEPS if cfg.parallel.engine == "ddp" else 2)
             log.info("step: CUDA graphs, replayed after %d eager warm-up steps" if self.graphed_step.capture else
                      "step: train.cuda_graph without CUDA runs eagerly on fixed input tensors (%d warm-up steps "
                      "would precede a capture)", self.graphed_step.warmup_steps)
@@ -397,11 +400,13 @@ def step_inputs(loss_fn: SFDLoss, x: torch.Tensor, y: torch.Tensor, feats: torch
     return inputs
 
 
-def build_graphed_step(engine: Engine, loss_fn: SFDLoss, precision: str, device: torch.device
+def build_graphed_step(engine: Engine, loss_fn: SFDLoss, precision: str, device: torch.device,
+                       stream: torch.cuda.Stream | None = None, warmup_steps: int = 2
                        ) -> tuple[GraphedStep, list[str]]:
-    """The whole sync-free SFD step of a local engine as a `GraphedStep` taking `step_inputs` and
-    returning one float tensor: the loss terms, the gradient norm and the skip flag (0/1). The
-    list names the loss terms in that order; it is filled by the first call."""
+    """The whole sync-free SFD step of a local or DDP engine as a `GraphedStep` (on `stream`, after
+    `warmup_steps` eager steps) taking `step_inputs` and returning one float tensor: the loss terms,
+    the gradient norm and the skip flag (0/1). The list names the loss terms in that order; it is
+    filled by the first call."""
     names: list[str] = []
 
     def gradients(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -417,7 +422,7 @@ def build_graphed_step(engine: Engine, loss_fn: SFDLoss, precision: str, device:
         norm, skipped = engine.step_on_device(lr, losses[names.index("loss")])  # skip decided on the device
         return torch.cat([losses, norm.float().reshape(1), skipped.float().reshape(1)])
 
-    return GraphedStep(gradients, update, engine.optimizer, device), names
+    return GraphedStep(gradients, update, engine.optimizer, device, warmup_steps, stream), names
 
 
 def _endless(loader: ShardLoader):
