@@ -379,7 +379,10 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
         raise ValueError(f"--cuda-graph needs --warmup 3 or more (2 eager steps, then the capture; got "
                          f"{options.warmup_steps}) and a --compile-mode other than reduce-overhead (got "
                          f"{options.compile_mode}), whose own graphs cannot be captured")
-    reason = fp8_unavailable(device) if options.fp8 != "none" else None
+    if options.fp8 == "delayed" and cfg.parallel.activation_checkpointing != "none":
+        raise ValueError("--fp8 delayed runs without activation checkpointing (a recomputed forward would record "
+                         "its amaxes twice)")
+    reason = fp8_unavailable(device, options.fp8) if options.fp8 != "none" else None
     if reason is not None:
         raise ValueError(f"--fp8 {options.fp8} cannot run: {reason}")
     dtype = compute_dtype(cfg.train.precision, device)

@@ -61,9 +61,12 @@ class ModelConfig:
     """Triton kernels for RMSNorm+AdaLN modulate, SwiGLU and 2-D RoPE (GPU; same numbers)."""
     compile: Literal["none", "blocks", "model"] = "none"
     """torch.compile: each block (regional, short compile) or the whole forward."""
-    fp8: Literal["none", "tensorwise", "rowwise", "rowwise_with_gw_hp"] = "none"
-    """FP8 matmuls for the blocks' large linears (torchao float8 training recipe; Ada/Hopper GPUs).
-    Off by default: compare its loss curve with bf16 first (launchers/compare_precision.py)."""
+    fp8: Literal["none", "tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed"] = "none"
+    """FP8 matmuls for the blocks' large linears: a torchao float8 training recipe, or 'delayed',
+    ours, whose scales come from the previous steps' amaxes so that compile fuses each cast into the
+    kernel producing its tensor (models/fp8_delayed.py; local or ddp engine, no activation
+    checkpointing). Ada/Hopper GPUs. Off by default: compare its loss curve with bf16 first
+    (launchers/compare_precision.py)."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """Inductor mode of that compile; 'reduce-overhead' replays CUDA graphs (GPU), which takes the
     kernel launches off the CPU at the cost of static input copies."""

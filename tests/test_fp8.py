@@ -82,7 +82,8 @@ def test_smoothing_and_curve_gaps_by_hand():
 def test_compare_precision_trains_both_recipes_from_the_same_start(tmp_path):
     out = tmp_path / "curves.json"
     args = [*TINY_MODEL_ARGS, "--set", "train.device=cpu", "--set", "train.precision=bf16", "--set", "optim.lr=3e-3",
-            "--recipes", "none", "rowwise", "bf16_residual", "--steps", "30", "--batch-size", "8", "--pool", "4", "--json", str(out)]
+            "--recipes", "none", "rowwise", "delayed", "bf16_residual", "--steps", "30", "--batch-size", "8",
+            "--pool", "4", "--json", str(out)]
     done = subprocess.run([sys.executable, "launchers/compare_precision.py", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -95,6 +96,9 @@ def test_compare_precision_trains_both_recipes_from_the_same_start(tmp_path):
     assert min(bf16[-5:]) < bf16[0]                # and training moved
     gap = report["against_reference"]["rowwise"]
     assert 0 < gap["mean_relative_gap"] < 0.01 and gap == compare(bf16, fp8, report["window"])
+    delayed = report["curves"]["delayed"]          # ours: real FP8 casts and matmuls on the CPU
+    assert delayed != bf16 and delayed[0] == bf16[0]
+    assert 0 < report["against_reference"]["delayed"]["mean_relative_gap"] < 0.01
     residual = report["curves"]["bf16_residual"]
     assert residual != bf16 and residual[0] == pytest.approx(bf16[0], rel=1e-2)  # the bf16 stream ran
     assert 0 < report["against_reference"]["bf16_residual"]["mean_relative_gap"] < 0.01

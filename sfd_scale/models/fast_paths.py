@@ -260,16 +260,18 @@ def apply_residual_precision(model: nn.Module, precision: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # FP8
 # ----------------------------------------------------------------------------------------------
-FP8_RECIPES = ("none", "tensorwise", "rowwise", "rowwise_with_gw_hp")
-"""`model.fp8`: torchao's float8 recipe names (scales per tensor, or per row: more accurate)."""
+FP8_RECIPES = ("none", "tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed")
+"""`model.fp8`: torchao's float8 recipe names (scales per tensor, or per row: more accurate), or
+'delayed': our FP8 linears whose scales come from previous steps' amaxes (models/fp8_delayed.py)."""
 FP8_LINEARS = re.compile(r"^blocks\.\d+\.(.+\.)?(attn\.(qkv|proj)|mlp\.(w12|w3))$")
 """The linears FP8 replaces: every block's large matmuls (8192 x 1536 x 4096 at XXL batch 32),
 also inside an activation-checkpointing wrapper."""
 
 
-def fp8_unavailable(device: torch.device) -> str | None:
-    """Why FP8 training cannot run on `device`, or None when it can (the CPU runs it emulated)."""
-    if importlib.util.find_spec("torchao") is None:
+def fp8_unavailable(device: torch.device, recipe: str = "tensorwise") -> str | None:
+    """Why FP8 training with `recipe` cannot run on `device`, or None when it can (the CPU runs
+    torchao's recipes emulated, and torch's FP8 matmul for 'delayed')."""
+    if recipe != "delayed" and importlib.util.find_spec("torchao") is None:
         return "torchao is not installed (pip install -e '.[fp8]')"
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         return (f"FP8 matmuls need compute capability 8.9 or newer (Ada, Hopper); this GPU has "
@@ -284,9 +286,11 @@ def apply_fp8(model: nn.Module, recipe: str, device: torch.device) -> int:
         raise ValueError(f"model.fp8={recipe!r} is unknown (known: {', '.join(FP8_RECIPES)})")
     if recipe == "none":
         return 0
-    reason = fp8_unavailable(device)
+    reason = fp8_unavailable(device, recipe)
     if reason is not None:
         raise ValueError(f"model.fp8={recipe} was asked for but cannot run: {reason}")
+    if recipe == "delayed":
+        return _apply_delayed_fp8(model)
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     config = Float8LinearConfig.from_recipe_name(recipe)
@@ -296,9 +300,7 @@ def apply_fp8(model: nn.Module, recipe: str, device: torch.device) -> int:
     converted: set[str] = set()
 
     def wanted(module: nn.Module, name: str) -> bool:
-        # torch's FP8 matmul needs both dimensions divisible by 16.
-        take = (isinstance(module, nn.Linear) and FP8_LINEARS.match(name) is not None
-                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+        take = _fp8_eligible(module, name)
         if take:
             converted.add(name)
         return take
@@ -307,6 +309,24 @@ def apply_fp8(model: nn.Module, recipe: str, device: torch.device) -> int:
     log.info("FP8 (torchao, %s recipe%s): %d linear layers", recipe, ", emulated on the CPU" if emulated else "",
              len(converted))
     return len(converted)
+
+
+def _fp8_eligible(module: nn.Module, name: str) -> bool:
+    """A block's large linear whose both dimensions are divisible by 16 (what FP8 matmuls need)."""
+    return (isinstance(module, nn.Linear) and FP8_LINEARS.match(name) is not None
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def _apply_delayed_fp8(model: nn.Module) -> int:
+    from sfd_scale.models.fp8_delayed import Float8DelayedLinear
+
+    chosen = [name for name, module in model.named_modules() if _fp8_eligible(module, name)]
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Float8DelayedLinear.from_linear(getattr(parent, child)))
+    log.info("FP8 (delayed scaling, ours): %d linear layers", len(chosen))
+    return len(chosen)
 
 
 # ----------------------------------------------------------------------------------------------

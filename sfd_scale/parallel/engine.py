@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from sfd_scale.config import ModelConfig, OptimConfig
+from sfd_scale.models.fp8_delayed import fp8_state_for, without_fp8_state
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.parallel.checkpointing import clean_name
 from sfd_scale.parallel.distributed import clip_coefficient, clip_grads_and_check, grad_norm_and_bad_loss
@@ -194,16 +195,16 @@ class LocalEngine(Engine):
         write_state(folder, "optimizer", self.optimizer.state_dict())
 
     def load(self, folder: Path) -> None:
-        state = read_state(folder, "model")
+        state = fp8_state_for(self.module, read_state(folder, "model"))
         self.module.load_state_dict(state, strict=True)  # bf16 copies: rounded to nearest, as autocast casts
         with torch.no_grad():
             for name, master in self.masters.items():
                 master.copy_(state[name])
-        self.ema.load_state_dict(read_state(folder, "ema"))
+        self.ema.load_state_dict(fp8_state_for(self.ema.model, read_state(folder, "ema")))
         self.optimizer.load_state_dict(read_state(folder, "optimizer"))
 
     def consolidated_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return _to_cpu(self.model_state()), _to_cpu(self.ema.state_dict())
+        return _to_cpu(without_fp8_state(self.model_state())), _to_cpu(without_fp8_state(self.ema.state_dict()))
 
 
 def fused_step_on_device(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], loss: torch.Tensor,

@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 
 from sfd_scale.config import SFDConfig, from_dict
-from sfd_scale.models.layers import DENSE, LinearSpec
 from sfd_scale.models.fast_paths import apply_compile, apply_fp8, apply_fused_kernels, apply_residual_precision
+from sfd_scale.models.fp8_delayed import without_fp8_state
+from sfd_scale.models.layers import DENSE, LinearSpec
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.parallel.checkpointing import apply_activation_checkpointing
 from sfd_scale.parallel.ddp import DDPEngine
@@ -103,7 +104,7 @@ def read_consolidated(folder: Path, layout: str, plain_model: PlainModel
     in this process alone (no process group). `plain_model`: a LightningDiT config, or a
     function building the plain module the run trained (see `PlainModel`)."""
     if layout == "replicated":
-        return read_state(folder, "model"), read_state(folder, "ema")
+        return without_fp8_state(read_state(folder, "model")), without_fp8_state(read_state(folder, "ema"))
     if layout == "dcp":
         from sfd_scale.parallel.fsdp import read_consolidated as read_dcp
 

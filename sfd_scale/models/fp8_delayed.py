@@ -1,0 +1,151 @@
+"""FP8 linear layers with delayed scaling (`model.fp8: delayed`): the scale of a tensor comes from
+the largest absolute values of the previous steps, not from the tensor itself.
+
+Why: torchao's dynamic recipes must know a tensor's amax before they can cast it, so every cast is
+a second pass over the tensor (rowwise cost 46 ms a step on an H100, more than FP8 saved on the
+matmuls; docs/benchmarks.md). With the scale known in advance the cast is a pointwise operation on
+the producer's output, which torch.compile fuses into the kernel that produces it (the norm and
+modulate, the SwiGLU); this step's amax is a reduction beside it, recorded for the next steps.
+
+The recipe, as Transformer Engine's default one:
+- inputs in e4m3 scaled by 448 / max(input amax history); output gradients in e5m2 scaled by
+  57344 / max(gradient amax history); histories of `HISTORY` steps, newest first;
+- weights in e4m3 scaled by their own current amax (a weight is small next to the activations,
+  and its scale must follow the optimizer's updates);
+- y = x W^T, dx = dy W and dW = dy^T x all as FP8 matmuls (`torch._scaled_mm`), accumulated in fp32;
+- the first training step of a layer has no history yet and scales by the current amaxes
+  (`fp8_ready` False); its histories are training state, in the checkpoints, so a resumed run
+  scales exactly as an uninterrupted one.
+Without gradients (evaluation, the EMA's previews) the layer is a plain linear.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HISTORY = 16
+"""Steps of amax history a delayed scale looks back over (torchao's former default)."""
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+E5M2_MAX = torch.finfo(torch.float8_e5m2).max
+_AMAX_FLOOR = 1e-12
+"""An all-zero tensor still gets a finite scale."""
+HISTORY_BUFFERS = ("fp8_input_amax_history", "fp8_grad_amax_history")
+"""The layer's state beyond nn.Linear's: checkpointed, never exported (reference keys only)."""
+
+
+def is_fp8_state(key: str) -> bool:
+    """Whether a state-dict key is an FP8 layer's amax history (training state, not a weight)."""
+    return key.rsplit(".", 1)[-1] in HISTORY_BUFFERS
+
+
+def without_fp8_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the reference's keys only: the FP8 layers' amax histories left out."""
+    return {key: value for key, value in state.items() if not is_fp8_state(key)}
+
+
+def fp8_state_for(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without the amax histories `module` has no layer for: a run that trained with
+    `model.fp8: delayed` resumes without it (a missing history is already allowed the other way)."""
+    expected = module.state_dict().keys()
+    return {key: value for key, value in state.items() if key in expected or not is_fp8_state(key)}
+
+
+def _scale(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
+    return fp8_max / amax.float().clamp(min=_AMAX_FLOOR)
+
+
+def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fp8_max: float) -> torch.Tensor:
+    return (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
+
+
+def _record(history: torch.Tensor, x: torch.Tensor) -> None:
+    """Shift `history` by one step and put x's amax first (one whole-tensor copy: a mutation that
+    torch.compile keeps, in the backward too)."""
+    history.copy_(torch.cat([x.detach().abs().amax().float().reshape(1), history[:-1]]))
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same matrix stored column by column: what `torch._scaled_mm` takes as its second operand."""
+    return t.t().contiguous().t()
+
+
+class _DelayedFloat8Matmul(torch.autograd.Function):
+    """y = x2d @ weight^T in FP8 (see the module docstring); histories updated in place."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, input_history: torch.Tensor,
+                grad_history: torch.Tensor, dynamic: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        x_scale = _scale(x2d.detach().abs().amax() if dynamic else input_history.amax(), E4M3_MAX)
+        x8 = _cast(x2d, x_scale, torch.float8_e4m3fn, E4M3_MAX)
+        _record(input_history, x2d)
+        w_scale = _scale(weight.detach().abs().amax(), E4M3_MAX)
+        w8 = _cast(weight, w_scale, torch.float8_e4m3fn, E4M3_MAX)
+        y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale.reciprocal(), scale_b=w_scale.reciprocal(),
+                             out_dtype=out_dtype, use_fast_accum=True)
+        ctx.save_for_backward(x8, w8, x_scale, w_scale, grad_history)
+        ctx.dynamic, ctx.input_dtype, ctx.weight_dtype = dynamic, x2d.dtype, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x8, w8, x_scale, w_scale, grad_history = ctx.saved_tensors
+        g_scale = _scale(dy.abs().amax() if ctx.dynamic else grad_history.amax(), E5M2_MAX)
+        g8 = _cast(dy, g_scale, torch.float8_e5m2, E5M2_MAX)
+        _record(grad_history, dy)
+        g_inverse = g_scale.reciprocal()
+        dx = torch._scaled_mm(g8, _column_major(w8), scale_a=g_inverse, scale_b=w_scale.reciprocal(),
+                              out_dtype=ctx.input_dtype)
+        dw = torch._scaled_mm(g8.t().contiguous(), _column_major(x8), scale_a=g_inverse,
+                              scale_b=x_scale.reciprocal(), out_dtype=ctx.weight_dtype)
+        return dx, dw, None, None, None, None
+
+
+class Float8DelayedLinear(nn.Linear):
+    """nn.Linear (same parameters and keys) whose training matmuls run in FP8 with delayed scaling;
+    plain bf16/fp32 without gradients or when the token count is not a multiple of 16 (what FP8
+    matmuls need)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        for name in HISTORY_BUFFERS:
+            self.register_buffer(name, torch.zeros(HISTORY, dtype=torch.float32, device=device))
+        self.fp8_ready = False
+        """True once the histories hold a step: until then scales come from the current amaxes."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Float8DelayedLinear:
+        """A layer computing with `linear`'s own parameters (the same tensors, not copies). Built on
+        the meta device first: no initialisation draws from the global generator."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=torch.device("meta"))
+        layer.weight, layer.bias = linear.weight, linear.bias
+        for name in HISTORY_BUFFERS:
+            setattr(layer, name, torch.zeros(HISTORY, dtype=torch.float32, device=linear.weight.device))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // x.shape[-1]
+        if not torch.is_grad_enabled() or tokens % 16:
+            return F.linear(x, self.weight, self.bias)
+        dynamic, self.fp8_ready = not self.fp8_ready, True
+        autocast = torch.is_autocast_enabled(x.device.type)
+        # What F.linear would return: the autocast dtype under autocast, else the input's.
+        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        y = _DelayedFloat8Matmul.apply(x.reshape(tokens, x.shape[-1]), self.weight, self.fp8_input_amax_history,
+                                       self.fp8_grad_amax_history, dynamic, out_dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        histories = [prefix + name for name in HISTORY_BUFFERS]
+        if all(key in state_dict for key in histories):
+            self.fp8_ready = True  # a checkpoint of an FP8 run: its next step scales from its history
+        else:  # weights of a run without FP8 (or an export): the histories start empty
+            for key in histories:
+                if key in missing_keys:
+                    missing_keys.remove(key)

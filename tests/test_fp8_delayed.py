@@ -1,0 +1,132 @@
+"""model.fp8: delayed — FP8 linears scaled by the previous steps' amaxes (CPU: torch's FP8 matmul)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fixtures import tiny_sfd_config, write_latent_folder
+from sfd_scale.models.fp8_delayed import HISTORY, Float8DelayedLinear, is_fp8_state
+from sfd_scale.models.lightningdit import build_model
+from sfd_scale.parallel.dims import ParallelDims, check_config_fits
+from sfd_scale.train.trainer import Trainer
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+def _pair(seed: int = 0) -> tuple[nn.Linear, Float8DelayedLinear]:
+    torch.manual_seed(seed)
+    plain = nn.Linear(64, 48)
+    twin = nn.Linear(64, 48)
+    twin.load_state_dict(plain.state_dict())
+    return plain, Float8DelayedLinear.from_linear(twin)
+
+
+def test_fp8_layer_is_close_to_the_linear_it_replaces_forward_and_backward():
+    plain, fp8 = _pair()
+    x = torch.randn(4, 32, 64)
+    outputs = {}
+    for name, layer in (("plain", plain), ("fp8", fp8)):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        (y.float() * torch.linspace(-1, 1, 48)).sum().backward()
+        outputs[name] = (y, xi.grad, layer.weight.grad, layer.bias.grad)
+    for got, want in zip(outputs["fp8"], outputs["plain"]):
+        assert _relative(got, want) < 0.08          # e4m3 / e5m2 rounding, not a wrong matmul
+    assert outputs["fp8"][0].dtype == outputs["fp8"][1].dtype == torch.float32   # as F.linear's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp8(x.requires_grad_()).dtype == torch.bfloat16
+    with torch.no_grad():                           # evaluation (and the EMA's previews): a plain linear
+        assert torch.equal(fp8(x), F.linear(x, fp8.weight, fp8.bias))
+
+
+def test_scales_come_from_the_previous_steps_amaxes():
+    plain, fp8 = _pair()
+    x = torch.randn(128, 64)
+
+    def step(inputs: torch.Tensor) -> float:
+        inputs = inputs.clone().requires_grad_()
+        y = fp8(inputs)
+        y.float().sum().backward()
+        return _relative(y, plain(inputs))
+
+    assert step(x) < 0.08                           # first step: scaled by its own amax
+    history = fp8.fp8_input_amax_history
+    assert history.shape == (HISTORY,) and history[0] == x.abs().amax() and not history[1:].any()
+    assert fp8.fp8_grad_amax_history[0] == 1.0      # d(sum)/dy: the backward records its amax too
+    # Four times larger inputs are cast with the scale of the smaller ones: they saturate at
+    # the old amax, the price of a cast that does not wait for its own tensor's amax.
+    assert step(4 * x) > 0.3
+    assert torch.equal(history[:2], torch.stack([4 * x.abs().amax(), x.abs().amax()]))
+    assert step(4 * x) < 0.08                       # the history has caught up
+
+
+def test_histories_are_checkpointed_and_optional_when_loading():
+    _, fp8 = _pair()
+    fp8(torch.randn(16, 64, requires_grad=True)).sum().backward()
+    state = fp8.state_dict()
+    assert sorted(k for k in state if is_fp8_state(k)) == ["fp8_grad_amax_history", "fp8_input_amax_history"]
+    resumed = Float8DelayedLinear.from_linear(nn.Linear(64, 48))
+    resumed.load_state_dict(state)                  # strict: a checkpoint of an FP8 run
+    assert resumed.fp8_ready and torch.equal(resumed.fp8_input_amax_history, fp8.fp8_input_amax_history)
+    fresh = Float8DelayedLinear.from_linear(nn.Linear(64, 48))
+    fresh.load_state_dict(nn.Linear(64, 48).state_dict())  # strict: weights of a run without FP8
+    assert not fresh.fp8_ready and not fresh.fp8_input_amax_history.any()
+
+
+def test_compiled_layer_records_the_same_histories_as_eager():
+    # The histories are written in place in the forward and in the backward: torch.compile must
+    # keep both mutations (and recompile once, when the first step's dynamic scaling ends).
+    torch._dynamo.reset()
+    eager, compiled = _pair()[1], _pair()[1]
+    run = torch.compile(compiled)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(8, 16, 64, generator=g)
+        outs = []
+        for layer in (eager, run):
+            xi = x.clone().requires_grad_()
+            y = layer(xi)
+            (y.float() ** 2).sum().backward()
+            outs.append(y)
+        assert _relative(outs[1], outs[0]) < 1e-2
+    for name in ("fp8_input_amax_history", "fp8_grad_amax_history"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-2, atol=0)
+        assert getattr(compiled, name)[:3].all()
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    return write_latent_folder(tmp_path / "latents")
+
+
+def test_delayed_fp8_training_resumes_exactly_and_exports_reference_keys(tmp_path, data_dir):
+    cfg = tiny_sfd_config(data_dir, model={"fp8": "delayed"})
+    straight = Trainer(cfg, tmp_path / "straight")
+    straight.fit(6)
+    assert sum(isinstance(m, Float8DelayedLinear) for m in straight.engine.unwrap().modules()) == 4
+    first = Trainer(cfg, tmp_path / "resumed")
+    first.fit(3)
+    del first
+    second = Trainer(cfg, tmp_path / "resumed")
+    assert second.maybe_resume()
+    second.fit(6)
+    for name in ("unwrap", "ema_model"):
+        a, b = (getattr(t.engine, name)().state_dict() for t in (straight, second))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    model, ema = straight.engine.consolidated_state()
+    reference = build_model(cfg.model).state_dict().keys()
+    assert model.keys() == reference and ema.keys() == reference
+    # The same checkpoint resumes without FP8 (its histories are left behind).
+    plain = Trainer(tiny_sfd_config(data_dir), tmp_path / "straight")
+    assert plain.maybe_resume() and plain.step == 6
+
+
+@pytest.mark.parametrize("parallel", [{"engine": "fsdp2"}, {"activation_checkpointing": "full"}])
+def test_delayed_fp8_refuses_sharded_weights_and_recomputed_forwards(data_dir, parallel):
+    cfg = tiny_sfd_config(data_dir, model={"fp8": "delayed"}, parallel=parallel)
+    with pytest.raises(ValueError, match="model.fp8=delayed runs with parallel.engine local or ddp"):
+        check_config_fits(cfg, ParallelDims(world_size=1, rank=0, local_rank=0, tp=1))
