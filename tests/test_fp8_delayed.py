@@ -125,8 +125,8 @@ def test_delayed_fp8_training_resumes_exactly_and_exports_reference_keys(tmp_pat
     assert plain.maybe_resume() and plain.step == 6
 
 
-@pytest.mark.parametrize("parallel", [{"engine": "fsdp2"}, {"activation_checkpointing": "full"}])
-def test_delayed_fp8_refuses_sharded_weights_and_recomputed_forwards(data_dir, parallel):
+@pytest.mark.parametrize("parallel", [{"engine": "ddp"}, {"engine": "fsdp2"}, {"activation_checkpointing": "full"}])
+def test_delayed_fp8_refuses_several_ranks_and_recomputed_forwards(data_dir, parallel):
     cfg = tiny_sfd_config(data_dir, model={"fp8": "delayed"}, parallel=parallel)
-    with pytest.raises(ValueError, match="model.fp8=delayed runs with parallel.engine local or ddp"):
+    with pytest.raises(ValueError, match="model.fp8=delayed runs with parallel.engine local and no activation"):
         check_config_fits(cfg, ParallelDims(world_size=1, rank=0, local_rank=0, tp=1))
