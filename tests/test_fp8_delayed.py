@@ -39,6 +39,9 @@ def test_fp8_layer_is_close_to_the_linear_it_replaces_forward_and_backward():
     assert outputs["fp8"][0].dtype == outputs["fp8"][1].dtype == torch.float32   # as F.linear's
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fp8(x.requires_grad_()).dtype == torch.bfloat16
+    xt = torch.randn(64, 128).t().requires_grad_()  # a transposed view: FP8 matmuls take row-major inputs
+    (fp8(xt).float() ** 2).sum().backward()
+    assert _relative(fp8(xt), plain(xt)) < 0.08 and xt.grad.shape == xt.shape
     with torch.no_grad():                           # evaluation (and the EMA's previews): a plain linear
         assert torch.equal(fp8(x), F.linear(x, fp8.weight, fp8.bias))
 

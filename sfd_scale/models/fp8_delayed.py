@@ -14,8 +14,9 @@ The recipe, as Transformer Engine's default one:
   and its scale must follow the optimizer's updates);
 - y = x W^T, dx = dy W and dW = dy^T x all as FP8 matmuls (`torch._scaled_mm`), accumulated in fp32;
 - the first training step of a layer has no history yet and scales by the current amaxes
-  (`fp8_ready` False); its histories are training state, in the checkpoints, so a resumed run
-  scales exactly as an uninterrupted one.
+  (`fp8_ready` False; compiled blocks therefore compile a second time, at the second step); its
+  histories are training state, in the checkpoints, so a resumed run scales exactly as an
+  uninterrupted one.
 Without gradients (evaluation, the EMA's previews) the layer is a plain linear.
 """
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _scale(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
 
 
 def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fp8_max: float) -> torch.Tensor:
-    return (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
+    """x * scale in an FP8 dtype, saturated, row-major (what `torch._scaled_mm` takes first)."""
+    return (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype).contiguous()
 
 
 def _record(history: torch.Tensor, x: torch.Tensor) -> None:
