@@ -64,7 +64,7 @@ class ModelConfig:
     fp8: Literal["none", "tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed"] = "none"
     """FP8 matmuls for the blocks' large linears: a torchao float8 training recipe, or 'delayed',
     ours, whose scales come from the previous steps' amaxes so that compile fuses each cast into the
-    kernel producing its tensor (models/fp8_delayed.py; local engine, no activation
+    kernel producing its tensor (models/fp8_delayed.py; local or ddp engine, no activation
     checkpointing). Ada/Hopper GPUs. Off by default: compare its loss curve with bf16 first
     (launchers/compare_precision.py)."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"

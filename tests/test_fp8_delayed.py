@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dist_worker import train_on_two_ranks
+from fault_worker import assert_identical
 from fixtures import tiny_sfd_config, write_latent_folder
 from sfd_scale.models.fp8_delayed import HISTORY, Float8DelayedLinear, is_fp8_state
 from sfd_scale.models.lightningdit import build_model
@@ -128,8 +130,21 @@ def test_delayed_fp8_training_resumes_exactly_and_exports_reference_keys(tmp_pat
     assert plain.maybe_resume() and plain.step == 6
 
 
-@pytest.mark.parametrize("parallel", [{"engine": "ddp"}, {"engine": "fsdp2"}, {"activation_checkpointing": "full"}])
-def test_delayed_fp8_refuses_several_ranks_and_recomputed_forwards(data_dir, parallel):
+@pytest.mark.distributed
+def test_two_ddp_ranks_share_their_amaxes_and_resume_exactly(tmp_path, data_dir):
+    # Each rank sees half the batch, so its own amaxes differ; shared after every backward, the
+    # histories are every rank's, and a checkpoint (rank 0's) resumes both ranks exactly.
+    cfg = tiny_sfd_config(data_dir, model={"fp8": "delayed"}, train={"log_every": 2, "ckpt_every": 2})
+    straight = train_on_two_ranks(tmp_path, cfg, "ddp", "straight", 4)
+    train_on_two_ranks(tmp_path, cfg, "ddp", "resumed", 2)
+    resumed = train_on_two_ranks(tmp_path, cfg, "ddp", "resumed", 4)
+    assert resumed["step"] == straight["step"] == 4
+    assert_identical(resumed["model"], straight["model"])
+    assert_identical(resumed["ema"], straight["ema"])
+
+
+@pytest.mark.parametrize("parallel", [{"engine": "fsdp2"}, {"activation_checkpointing": "full"}])
+def test_delayed_fp8_refuses_sharded_weights_and_recomputed_forwards(data_dir, parallel):
     cfg = tiny_sfd_config(data_dir, model={"fp8": "delayed"}, parallel=parallel)
-    with pytest.raises(ValueError, match="model.fp8=delayed runs with parallel.engine local and no activation"):
+    with pytest.raises(ValueError, match="model.fp8=delayed runs with parallel.engine local or ddp and no"):
         check_config_fits(cfg, ParallelDims(world_size=1, rank=0, local_rank=0, tp=1))

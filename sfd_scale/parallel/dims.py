@@ -286,10 +286,10 @@ def check_config_fits(cfg: SFDConfig, dims: ParallelDims) -> None:
         raise ValueError(f"parallel.tensor_parallel={p.tensor_parallel} runs megatron-core's linear layers "
                          f"eagerly; model.compile={cfg.model.compile}, model.fused_kernels={cfg.model.fused_kernels} "
                          f"and model.fp8={cfg.model.fp8} are not supported with it (set none / false / none)")
-    if cfg.model.fp8 == "delayed" and (p.engine != "local" or p.activation_checkpointing != "none"):
-        # Each rank would keep its own amax histories, and a checkpoint holds rank 0's (ranks need
-        # their amaxes reduced first); a recomputed forward would record its amaxes twice.
-        raise ValueError(f"model.fp8=delayed runs with parallel.engine local and no activation "
+    if cfg.model.fp8 == "delayed" and (p.engine not in ("local", "ddp") or p.activation_checkpointing != "none"):
+        # Sharded weights are DTensors or empty outside hooks; a recomputed forward would record
+        # its amaxes twice.
+        raise ValueError(f"model.fp8=delayed runs with parallel.engine local or ddp and no activation "
                          f"checkpointing (got engine {p.engine}, activation_checkpointing "
                          f"{p.activation_checkpointing})")
     if p.engine == "deepspeed" and p.zero_stage == 3 and cfg.model.fp8 != "none":
