@@ -208,8 +208,9 @@ class AdamWEMA(torch.optim.AdamW):
                                                              launch.device)
                                for launch in self._launches()}
 
-    def _prepare_state(self) -> None:
-        """Moments and counts for every parameter with a gradient, counts on its device."""
+    def _prepare_state(self) -> list[torch.Tensor]:
+        """Moments and counts for every parameter with a gradient, counts on its device; the counts."""
+        steps = []
         for group in self.param_groups:
             for p in group["params"]:
                 if self.grad_of(p) is None:
@@ -222,6 +223,8 @@ class AdamWEMA(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if state["step"].device != device:  # AdamW's load_state_dict leaves counts on the CPU
                     state["step"] = state["step"].to(device)
+                steps.append(state["step"])
+        return steps
 
     def _launches(self) -> list[_Launch]:
         """The kernel launches of a step: per group, one per kind of tensor present (alignment,
@@ -259,7 +262,7 @@ class AdamWEMA(torch.optim.AdamW):
         'lr'). None of them is read on the host."""
         if closure is not None:
             raise ValueError("AdamWEMA.step takes no closure")
-        self._prepare_state()
+        steps = self._prepare_state()
         launches = self._launches()
         if not launches:
             return None
@@ -268,8 +271,6 @@ class AdamWEMA(torch.optim.AdamW):
         skipped = torch.zeros((), device=device) if skip is None else skip.to(device, torch.float32)
         # Counts advance unless skipped, on the device. `alpha` selects the tensor overload: without
         # it the 0-d increment is taken as a Python scalar (.item(), a host sync every step).
-        steps = [self.state[p]["step"] for group in self.param_groups for p in group["params"]
-                 if self.grad_of(p) is not None]
         torch._foreach_add_(steps, 1.0 - skipped, alpha=1)
         rates = {}
         for launch in launches:

@@ -52,14 +52,19 @@ def fp8_state_for(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     return {key: value for key, value in state.items() if key in expected or not is_fp8_state(key)}
 
 
-def share_newest_amaxes(module: nn.Module) -> None:
-    """Under data parallelism, make each FP8 layer's newest amaxes the largest over the ranks, in
-    one all-reduce for all layers: every rank then scales alike, and a checkpoint's histories (rank
-    0's) are every rank's, so resume stays exact. Call after each backward; nothing without ranks."""
+def amax_histories(module: nn.Module) -> list[torch.Tensor]:
+    """Every FP8 layer's amax histories in `module` (none without `model.fp8: delayed`)."""
+    return [history for layer in module.modules() if isinstance(layer, Float8DelayedLinear)
+            for history in (layer.fp8_input_amax_history, layer.fp8_grad_amax_history)]
+
+
+def share_newest_amaxes(histories: list[torch.Tensor]) -> None:
+    """Under data parallelism, make the newest entry of each of `histories` (`amax_histories`) the
+    largest over the ranks, in one all-reduce for all layers: every rank then scales alike, and a
+    checkpoint's histories (rank 0's) are every rank's, so resume stays exact. Call after each
+    backward; nothing without histories or ranks."""
     from sfd_scale.parallel import distributed
 
-    histories = [history for layer in module.modules() if isinstance(layer, Float8DelayedLinear)
-                 for history in (layer.fp8_input_amax_history, layer.fp8_grad_amax_history)]
     if not histories or distributed.world_size() == 1:
         return
     newest = [history[:1] for history in histories]

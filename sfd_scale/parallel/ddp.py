@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sfd_scale.config import OptimConfig
-from sfd_scale.models.fp8_delayed import share_newest_amaxes
+from sfd_scale.models.fp8_delayed import amax_histories, share_newest_amaxes
 from sfd_scale.parallel.distributed import rank
 from sfd_scale.parallel.engine import LocalEngine
 
@@ -36,10 +36,11 @@ class DDPEngine(LocalEngine):
             forward_sync_buffers=False, gradient_as_bucket_view=True)
         if self.masters:
             self.model.register_comm_hook(FP32Average(), fp32_average_hook)
+        self.amax_histories = amax_histories(self.module)  # model.fp8=delayed; the module is on its device
 
     def backward(self, loss: torch.Tensor) -> None:
         super().backward(loss)
-        share_newest_amaxes(self.module)  # model.fp8=delayed: every rank scales alike
+        share_newest_amaxes(self.amax_histories)  # model.fp8=delayed: every rank scales alike
 
     def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else self.model.no_sync()

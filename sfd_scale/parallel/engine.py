@@ -215,13 +215,11 @@ def fused_step_on_device(optimizer: torch.optim.Optimizer, grads: list[torch.Ten
     device scalar."""
     norm, bad_loss = grad_norm_and_bad_loss(grads, loss, sharded=sharded)
     skipped = torch.maximum(bad_loss, (~torch.isfinite(norm)).float())
-    lr_on_device = None
-    if isinstance(lr, torch.Tensor):
-        lr_on_device = lr
-    else:
+    on_device = isinstance(lr, torch.Tensor)
+    if not on_device:
         set_lr(optimizer, lr)
     optimizer.step(grad_scale=clip_coefficient(norm, max_norm) if max_norm > 0 else None, skip=skipped,
-                   lr=lr_on_device)
+                   lr=lr if on_device else None)
     return norm, skipped > 0
 
 

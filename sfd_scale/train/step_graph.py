@@ -42,6 +42,9 @@ Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(loss terms, learning rate as a device scalar) -> the step's numbers (device tensor)."""
 
 
+WARMUP_STEPS = 2
+"""Eager steps before a capture: the first compiles and creates the optimizer's state, the second
+runs as every later step will."""
 DDP_WARMUP_STEPS = 11
 """Eager steps before a capture under DDP (PyTorch's CUDA-graph notes: DDP's own bookkeeping of
 its first iterations must be over)."""
@@ -67,7 +70,8 @@ class GraphedStep:
     calls, as two captured CUDA graphs. The tensor a call returns is overwritten by the next call."""
 
     def __init__(self, gradients: Gradients, update: Update, optimizer: torch.optim.Optimizer,
-                 device: torch.device, warmup_steps: int = 2, stream: torch.cuda.Stream | None = None) -> None:
+                 device: torch.device, warmup_steps: int = WARMUP_STEPS,
+                 stream: torch.cuda.Stream | None = None) -> None:
         if warmup_steps < 1:
             raise ValueError(f"a CUDA-graph step needs at least one eager warm-up step, got {warmup_steps}")
         if not hasattr(optimizer, "freeze_tables"):

@@ -45,7 +45,7 @@ from sfd_scale.train.collective_checkpoint import (check_same_manifest, latest_r
 from sfd_scale.train.gc_schedule import ScheduledGC
 from sfd_scale.train.guards import NumericalGuard
 from sfd_scale.train.optim import lr_at
-from sfd_scale.train.step_graph import DDP_WARMUP_STEPS, GraphedStep, capture_stream
+from sfd_scale.train.step_graph import DDP_WARMUP_STEPS, WARMUP_STEPS, GraphedStep, capture_stream
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Trainer:
         if cfg.train.cuda_graph:
             self.graphed_step, self._term_names = build_graphed_step(
                 self.engine, self.loss_fn, cfg.train.precision, self.device, stream=stream,
-                warmup_steps=DDP_WARMUP_STEPS if cfg.parallel.engine == "ddp" else 2)
+                warmup_steps=DDP_WARMUP_STEPS if cfg.parallel.engine == "ddp" else WARMUP_STEPS)
             log.info("step: CUDA graphs, replayed after %d eager warm-up steps" if self.graphed_step.capture else
                      "step: train.cuda_graph without CUDA runs eagerly on fixed input tensors (%d warm-up steps "
                      "would precede a capture)", self.graphed_step.warmup_steps)
@@ -401,7 +401,7 @@ def step_inputs(loss_fn: SFDLoss, x: torch.Tensor, y: torch.Tensor, feats: torch
 
 
 def build_graphed_step(engine: Engine, loss_fn: SFDLoss, precision: str, device: torch.device,
-                       stream: torch.cuda.Stream | None = None, warmup_steps: int = 2
+                       stream: torch.cuda.Stream | None = None, warmup_steps: int = WARMUP_STEPS
                        ) -> tuple[GraphedStep, list[str]]:
     """The whole sync-free SFD step of a local or DDP engine as a `GraphedStep` (on `stream`, after
     `warmup_steps` eager steps) taking `step_inputs` and returning one float tensor: the loss terms,
