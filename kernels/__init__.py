@@ -1,9 +1,11 @@
 """Triton kernels with plain-PyTorch references; installed as `sfd_scale.kernels`.
 
-Triton is optional: this package imports without it, and so does `reference` (the plain-PyTorch
-twins). The kernel modules (`rmsnorm_modulate`, `swiglu`, `rope`) import Triton and are loaded
-only by `sfd_scale.models.fast_paths` once it has decided that they can run: on a CUDA device, or
-on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, set before the modules are imported).
+Triton is optional: this package imports without it, and so do `reference` (the plain-PyTorch
+twins) and `fp8_cast` (a custom op). The kernel modules (`rmsnorm_modulate`, `swiglu`, `rope`,
+`fp8_cast_kernel`) import Triton and are loaded only once it is decided that they can run: on a
+CUDA device, or on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, set before the modules
+are imported). `sfd_scale.models.fast_paths` decides for the first three; the `fp8_cast` op
+imports its kernel the first time it runs on such a device.
 
 Kernels here call Triton builtins only (`tl.load`, `tl.exp`, `tl.reduce`, ...), never the helpers
 of `triton.language.standard` (`tl.sum`, `tl.zeros`, `tl.sigmoid`, ...): those are themselves

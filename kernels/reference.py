@@ -32,3 +32,13 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     pairs = x.unflatten(-1, (-1, 2))
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
     return x * cos + rotated * sin
+
+
+def fp8_cast_transpose_reference(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, column_sums: bool
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (rows, cols) -> (x * scale saturated to `fp8_dtype`, the same transposed and contiguous,
+    amax(|x|) in float32, x's float32 column sums or an empty tensor)."""
+    fp8_max = torch.finfo(fp8_dtype).max
+    cast = (x.float() * scale).clamp(-fp8_max, fp8_max).to(fp8_dtype)
+    sums = x.sum(0, dtype=torch.float32) if column_sums else x.new_empty(0, dtype=torch.float32)
+    return cast, cast.t().contiguous(), x.detach().abs().amax().float(), sums

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dist_worker import train_on_two_ranks
 from fault_worker import assert_identical
 from fixtures import tiny_sfd_config, write_latent_folder
-from sfd_scale.models.fp8_delayed import HISTORY, Float8DelayedLinear, is_fp8_state
+from sfd_scale.models.fp8_delayed import HISTORY, HISTORY_BUFFERS, Float8DelayedLinear, is_fp8_state
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.parallel.dims import ParallelDims, check_config_fits
 from sfd_scale.train.trainer import Trainer
@@ -62,6 +62,7 @@ def test_scales_come_from_the_previous_steps_amaxes():
     history = fp8.fp8_input_amax_history
     assert history.shape == (HISTORY,) and history[0] == x.abs().amax() and not history[1:].any()
     assert fp8.fp8_grad_amax_history[0] == 1.0      # d(sum)/dy: the backward records its amax too
+    assert fp8.fp8_weight_amax_history[0] == plain.weight.abs().amax()
     # Four times larger inputs are cast with the scale of the smaller ones: they saturate at
     # the old amax, the price of a cast that does not wait for its own tensor's amax.
     assert step(4 * x) > 0.3
@@ -69,11 +70,33 @@ def test_scales_come_from_the_previous_steps_amaxes():
     assert step(4 * x) < 0.08                       # the history has caught up
 
 
+def test_a_non_finite_step_does_not_poison_the_scales():
+    # The guard skips a step whose loss is not finite; had its NaN amax gone into the history,
+    # every later scale (and so every later step) would be NaN too.
+    plain, fp8 = _pair()
+    x = torch.randn(32, 64)
+
+    def step(inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.clone().requires_grad_()
+        y = fp8(inputs)
+        (y.float() * torch.linspace(-1, 1, 48)).sum().backward()
+        return y
+
+    step(x)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    assert step(bad).isnan().any()
+    for name in HISTORY_BUFFERS:
+        assert getattr(fp8, name).isfinite().all(), name
+    assert _relative(step(x), plain(x)) < 0.08       # the next step is an ordinary one
+
+
 def test_histories_are_checkpointed_and_optional_when_loading():
     _, fp8 = _pair()
     fp8(torch.randn(16, 64, requires_grad=True)).sum().backward()
     state = fp8.state_dict()
-    assert sorted(k for k in state if is_fp8_state(k)) == ["fp8_grad_amax_history", "fp8_input_amax_history"]
+    assert sorted(k for k in state if is_fp8_state(k)) == ["fp8_grad_amax_history", "fp8_input_amax_history",
+                                                           "fp8_weight_amax_history"]
     resumed = Float8DelayedLinear.from_linear(nn.Linear(64, 48))
     resumed.load_state_dict(state)                  # strict: a checkpoint of an FP8 run
     assert resumed.fp8_ready and torch.equal(resumed.fp8_input_amax_history, fp8.fp8_input_amax_history)
@@ -98,7 +121,7 @@ def test_compiled_layer_records_the_same_histories_as_eager():
             (y.float() ** 2).sum().backward()
             outs.append(y)
         assert _relative(outs[1], outs[0]) < 1e-2
-    for name in ("fp8_input_amax_history", "fp8_grad_amax_history"):
+    for name in HISTORY_BUFFERS:
         torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-2, atol=0)
         assert getattr(compiled, name)[:3].all()
 

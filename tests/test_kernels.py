@@ -4,6 +4,8 @@ Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 for th
 without Triton those tests skip. The twins are checked against the model's own modules first, so
 a kernel that equals its twin equals the model.
 """
+import copy
+
 import pytest
 import torch
 
@@ -135,6 +137,75 @@ def test_rope_refuses_what_it_cannot_do():
         rope(torch.randn(1, 1, 4, 8), tables.freqs_cos, tables.freqs_sin)      # 4 tokens, 9 positions
     with pytest.raises(ValueError, match="no gradient"):
         rope(torch.randn(1, 1, 9, 8), tables.freqs_cos.requires_grad_(), tables.freqs_sin)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+def test_fp8_cast_transpose_kernel(dtype, fp8_dtype):
+    from sfd_scale.kernels.fp8_cast import fp8_cast_transpose
+    from sfd_scale.kernels.reference import fp8_cast_transpose_reference
+
+    # 100 x 70: partial tiles on both axes; a few values beyond the FP8 range saturate.
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(100, 70, generator=g) * 3).to(DEVICE, dtype)
+    x[3, 5], x[97, 69] = 1e6, -1e6
+    scale = torch.tensor(torch.finfo(fp8_dtype).max / 4e5, device=DEVICE)
+    for column_sums in (True, False):
+        got = fp8_cast_transpose(x, scale, fp8_dtype, column_sums)
+        want = fp8_cast_transpose_reference(x, scale, fp8_dtype, column_sums)
+        for name, k, r in zip(("cast", "transposed"), got[:2], want[:2]):
+            assert k.dtype == fp8_dtype and k.shape == r.shape, name
+            assert torch.equal(k.view(torch.uint8), r.view(torch.uint8)), name   # bit for bit
+        assert got[0][3, 5].item() == torch.finfo(fp8_dtype).max and got[1][69, 97].item() < 0
+        assert torch.equal(got[2], want[2])                                      # amax: exact
+        assert got[3].shape == want[3].shape
+        torch.testing.assert_close(got[3], want[3], rtol=1e-6, atol=1e-3)        # sums: another order
+    with pytest.raises(ValueError, match="a matrix and a one-element scale"):
+        fp8_cast_transpose(x[None], scale, fp8_dtype, True)
+
+
+@needs_triton
+def test_fp8_layer_backward_through_the_kernel_equals_the_twin():
+    from sfd_scale.kernels.fp8_cast import fp8_cast_transpose
+    from sfd_scale.models.fp8_delayed import Float8DelayedLinear
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 96).to(DEVICE)
+    layers = [Float8DelayedLinear.from_linear(copy.deepcopy(plain)) for _ in range(2)]
+    layers[1].gradient_cast = fp8_cast_transpose
+    x = torch.randn(2, 40, 64, device=DEVICE)
+    grads = []
+    for layer in layers:
+        for _ in range(2):  # the first step scales dynamically, the second from the history
+            xi = x.clone().requires_grad_()
+            layer.zero_grad()
+            (layer(xi).float() * torch.linspace(-1, 1, 96, device=DEVICE)).sum().backward()
+        grads.append((xi.grad, layer.weight.grad, layer.bias.grad, layer.fp8_grad_amax_history))
+    (dx, dw, db, history), (dx_k, dw_k, db_k, history_k) = grads
+    assert torch.equal(dx_k, dx) and torch.equal(dw_k, dw) and torch.equal(history_k, history)
+    torch.testing.assert_close(db_k, db, rtol=1e-6, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="PTX inspection is the CPU machines' check; a GPU runs the kernel")
+def test_fp8_cast_transpose_writes_both_layouts_in_128_bit_stores(monkeypatch):
+    # Without a GPU: the sm_90 PTX loads the bf16 tile and stores each FP8 layout 16 bytes at a
+    # time (the transposed one staged through shared memory), rounding with the hardware's
+    # saturating round-to-nearest conversion (as torch's FP8 cast rounds).
+    from fixtures import hopper_ptx
+    from sfd_scale.kernels import fp8_cast_kernel
+
+    signature = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*fp8e5", "out_t_ptr": "*fp8e5",
+                 "amax_part_ptr": "*fp32", "colsum_part_ptr": "*fp32", "rows": "i32", "cols": "i32", "fp8_max": "fp32",
+                 "COLUMN_SUMS": "constexpr", "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr"}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 2, 3, 5, 6, 7)}  # pointers, rows, cols
+    ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, "_cast_transpose_kernel", signature,
+                     {"COLUMN_SUMS": True, "BLOCK_ROWS": fp8_cast_kernel._BLOCK_ROWS,
+                      "BLOCK_COLS": fp8_cast_kernel._BLOCK_COLS},
+                     attrs=aligned, helpers=("_add", "_max"))
+    assert ptx.count("ld.global.v4.b32") == 4 and ptx.count("st.global.v4.b32") == 4  # 64 B in, 2 x 32 B out
+    assert "cvt.rn.satfinite.e5m2x2.f32" in ptx and "st.global.b8" not in ptx
 
 
 @needs_triton

@@ -290,7 +290,7 @@ def apply_fp8(model: nn.Module, recipe: str, device: torch.device) -> int:
     if reason is not None:
         raise ValueError(f"model.fp8={recipe} was asked for but cannot run: {reason}")
     if recipe == "delayed":
-        return _apply_delayed_fp8(model)
+        return _apply_delayed_fp8(model, device)
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     config = Float8LinearConfig.from_recipe_name(recipe)
@@ -317,15 +317,24 @@ def _fp8_eligible(module: nn.Module, name: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def _apply_delayed_fp8(model: nn.Module) -> int:
+def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
     from sfd_scale.models.fp8_delayed import Float8DelayedLinear
 
+    # The output gradient's casts: our Triton cast-transpose kernel where Triton runs (one read of
+    # the gradient instead of three), else the same arithmetic in PyTorch.
+    kernel = fused_kernels_unavailable(device) is None
+    if kernel:
+        from sfd_scale.kernels.fp8_cast import fp8_cast_transpose
     chosen = [name for name, module in model.named_modules() if _fp8_eligible(module, name)]
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, Float8DelayedLinear.from_linear(getattr(parent, child)))
-    log.info("FP8 (delayed scaling, ours): %d linear layers", len(chosen))
+        layer = Float8DelayedLinear.from_linear(getattr(parent, child))
+        if kernel:
+            layer.gradient_cast = fp8_cast_transpose
+        setattr(parent, child, layer)
+    log.info("FP8 (delayed scaling, ours): %d linear layers; gradient casts by %s", len(chosen),
+             "the Triton cast-transpose kernel" if kernel else "PyTorch")
     return len(chosen)
 
 

@@ -8,11 +8,12 @@ the producer's output, which torch.compile fuses into the kernel that produces i
 modulate, the SwiGLU); this step's amax is a reduction beside it, recorded for the next steps.
 
 The recipe, as Transformer Engine's default one:
-- inputs in e4m3 scaled by 448 / max(input amax history); output gradients in e5m2 scaled by
-  57344 / max(gradient amax history); histories of `HISTORY` steps, newest first;
-- weights in e4m3 scaled by their own current amax (a weight is small next to the activations,
-  and its scale must follow the optimizer's updates);
-- y = x W^T, dx = dy W and dW = dy^T x all as FP8 matmuls (`torch._scaled_mm`), accumulated in fp32;
+- inputs and weights in e4m3 scaled by 448 / max(their amax history); output gradients in e5m2
+  scaled by 57344 / max(gradient amax history); histories of `HISTORY` steps, newest first. The
+  weights too: a scale from their own amax would be a pass over the weight before its cast (a
+  weight moves by ~lr a step, so its history follows it closely);
+- y = x W^T + b, dx = dy W and dW = dy^T x all as FP8 matmuls (`torch._scaled_mm`), accumulated in
+  fp32; the bias added in the matmul's epilogue;
 - the first training step of a layer has no history yet and scales by the current amaxes
   (`fp8_ready` False; compiled blocks therefore compile a second time, at the second step); its
   histories are training state, in the checkpoints, so a resumed run scales exactly as an
@@ -21,9 +22,13 @@ Without gradients (evaluation, the EMA's previews) the layer is a plain linear.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from sfd_scale.kernels.reference import fp8_cast_transpose_reference
 
 HISTORY = 16
 """Steps of amax history a delayed scale looks back over (torchao's former default)."""
@@ -31,7 +36,11 @@ E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 E5M2_MAX = torch.finfo(torch.float8_e5m2).max
 _AMAX_FLOOR = 1e-12
 """An all-zero tensor still gets a finite scale."""
-HISTORY_BUFFERS = ("fp8_input_amax_history", "fp8_grad_amax_history")
+GradientCast = Callable[[torch.Tensor, torch.Tensor, torch.dtype, bool],
+                        tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(dy, scale, FP8 dtype, column sums?) -> (dy in FP8, the same transposed, amax, column sums):
+`fp8_cast_transpose_reference` or the Triton kernel `sfd_scale.kernels.fp8_cast`."""
+HISTORY_BUFFERS = ("fp8_input_amax_history", "fp8_weight_amax_history", "fp8_grad_amax_history")
 """The layer's state beyond nn.Linear's: checkpointed, never exported (reference keys only)."""
 
 
@@ -54,8 +63,8 @@ def fp8_state_for(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
 
 def amax_histories(module: nn.Module) -> list[torch.Tensor]:
     """Every FP8 layer's amax histories in `module` (none without `model.fp8: delayed`)."""
-    return [history for layer in module.modules() if isinstance(layer, Float8DelayedLinear)
-            for history in (layer.fp8_input_amax_history, layer.fp8_grad_amax_history)]
+    return [getattr(layer, name) for layer in module.modules() if isinstance(layer, Float8DelayedLinear)
+            for name in HISTORY_BUFFERS]
 
 
 def share_newest_amaxes(histories: list[torch.Tensor]) -> None:
@@ -80,10 +89,12 @@ def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fp8_max: flo
     return (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype).contiguous()
 
 
-def _record(history: torch.Tensor, x: torch.Tensor) -> None:
-    """Shift `history` by one step and put x's amax first (one whole-tensor copy: a mutation that
-    torch.compile keeps, in the backward too)."""
-    history.copy_(torch.cat([x.detach().abs().amax().float().reshape(1), history[:-1]]))
+def _record(history: torch.Tensor, amax: torch.Tensor) -> None:
+    """Shift `history` by one step and put `amax` first (one whole-tensor copy: a mutation that
+    torch.compile keeps, in the backward too). A non-finite amax (a step the guard will skip) is
+    recorded as 0: kept, it would make every later scale NaN, and the gradients with it, for good."""
+    amax = amax.float().reshape(1)
+    history.copy_(torch.cat([torch.where(amax.isfinite(), amax, 0.0), history[:-1]]))
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
@@ -92,34 +103,55 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
 
 
 class _DelayedFloat8Matmul(torch.autograd.Function):
-    """y = x2d @ weight^T in FP8 (see the module docstring); histories updated in place."""
+    """y = x2d @ weight^T + bias in FP8 (see the module docstring); histories updated in place."""
 
     @staticmethod
-    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, input_history: torch.Tensor,
-                grad_history: torch.Tensor, dynamic: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        x_scale = _scale(x2d.detach().abs().amax() if dynamic else input_history.amax(), E4M3_MAX)
+    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                histories: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dynamic: bool,
+                out_dtype: torch.dtype, gradient_cast: GradientCast) -> torch.Tensor:
+        input_history, weight_history, grad_history = histories
+        x_amax, w_amax = x2d.detach().abs().amax(), weight.detach().abs().amax()
+        x_scale = _scale(x_amax if dynamic else input_history.amax(), E4M3_MAX)
         x8 = _cast(x2d, x_scale, torch.float8_e4m3fn, E4M3_MAX)
-        _record(input_history, x2d)
-        w_scale = _scale(weight.detach().abs().amax(), E4M3_MAX)
+        _record(input_history, x_amax)
+        w_scale = _scale(w_amax if dynamic else weight_history.amax(), E4M3_MAX)
         w8 = _cast(weight, w_scale, torch.float8_e4m3fn, E4M3_MAX)
+        _record(weight_history, w_amax)
+        # The bias rides in the matmul's epilogue where the FP8 matmul takes one (a bf16/fp16
+        # output): an add after it would be one more pass over the output.
+        fused_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
         y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale.reciprocal(), scale_b=w_scale.reciprocal(),
-                             out_dtype=out_dtype, use_fast_accum=True)
-        ctx.save_for_backward(x8, w8, x_scale, w_scale, grad_history)
-        ctx.dynamic, ctx.input_dtype, ctx.weight_dtype = dynamic, x2d.dtype, weight.dtype
+                             bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype,
+                             use_fast_accum=True)
+        if bias is not None and not fused_bias:
+            y = y + bias.to(out_dtype)
+        # The input gradient's matmul takes the weight column by column: only that layout is kept
+        # (compiled, the partitioner may instead recompute it from the weight in the backward).
+        ctx.save_for_backward(x8, _column_major(w8), x_scale, w_scale, grad_history)
+        ctx.dynamic, ctx.has_bias, ctx.gradient_cast = dynamic, bias is not None, gradient_cast
+        ctx.input_dtype, ctx.weight_dtype = x2d.dtype, weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x8, w8, x_scale, w_scale, grad_history = ctx.saved_tensors
-        g_scale = _scale(dy.abs().amax() if ctx.dynamic else grad_history.amax(), E5M2_MAX)
-        g8 = _cast(dy, g_scale, torch.float8_e5m2, E5M2_MAX)
-        _record(grad_history, dy)
+        x8, w8_columns, x_scale, w_scale, grad_history = ctx.saved_tensors
+        dy = dy.contiguous()
+        if ctx.dynamic:  # the first step: the scale needs this gradient's own amax first
+            g_scale = _scale(dy.abs().amax(), E5M2_MAX)
+        else:
+            g_scale = _scale(grad_history.amax(), E5M2_MAX)
+        # dy in FP8 row by row (input gradient) and column by column (weight gradient), its amax
+        # and its column sums (the bias gradient), from one read of dy where the kernel runs.
+        g8, g8_columns, g_amax, g_sums = ctx.gradient_cast(dy, g_scale, torch.float8_e5m2, ctx.has_bias)
+        _record(grad_history, g_amax)
         g_inverse = g_scale.reciprocal()
-        dx = torch._scaled_mm(g8, _column_major(w8), scale_a=g_inverse, scale_b=w_scale.reciprocal(),
+        dx = torch._scaled_mm(g8, w8_columns, scale_a=g_inverse, scale_b=w_scale.reciprocal(),
                               out_dtype=ctx.input_dtype)
-        dw = torch._scaled_mm(g8.t().contiguous(), _column_major(x8), scale_a=g_inverse,
+        dw = torch._scaled_mm(g8_columns, _column_major(x8), scale_a=g_inverse,
                               scale_b=x_scale.reciprocal(), out_dtype=ctx.weight_dtype)
-        return dx, dw, None, None, None, None
+        db = g_sums.to(ctx.bias_dtype) if ctx.has_bias else None
+        return dx, dw, db, None, None, None, None
 
 
 class Float8DelayedLinear(nn.Linear):
@@ -134,6 +166,9 @@ class Float8DelayedLinear(nn.Linear):
             self.register_buffer(name, torch.zeros(HISTORY, dtype=torch.float32, device=device))
         self.fp8_ready = False
         """True once the histories hold a step: until then scales come from the current amaxes."""
+        self.gradient_cast: GradientCast = fp8_cast_transpose_reference
+        """How the backward casts the output gradient; the Triton kernel where it can run
+        (`sfd_scale.models.fast_paths`, which logs the choice). A plain attribute, not state."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Float8DelayedLinear:
@@ -154,10 +189,10 @@ class Float8DelayedLinear(nn.Linear):
         autocast = torch.is_autocast_enabled(x.device.type)
         # What F.linear would return: the autocast dtype under autocast, else the input's.
         out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        y = _DelayedFloat8Matmul.apply(x.reshape(tokens, x.shape[-1]), self.weight, self.fp8_input_amax_history,
-                                       self.fp8_grad_amax_history, dynamic, out_dtype)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        histories = tuple(getattr(self, name) for name in HISTORY_BUFFERS)
+        y = _DelayedFloat8Matmul.apply(x.reshape(tokens, x.shape[-1]), self.weight, self.bias, histories, dynamic,
+                                       out_dtype, self.gradient_cast)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

@@ -168,9 +168,12 @@ class Attention(nn.Module):
         # then stacks dq, dk, dv straight into the layout the qkv matmul's backward reads (a
         # permute before the unbind would cost one more copy of the whole qkv gradient).
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))     # each (B, heads, N, head_dim)
-        q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
-        out = self.attend(q, k, v)                                # (B, heads, N, head_dim)
+        q, k, v = qkv.unbind(2)                                   # each (B, N, heads, head_dim)
+        # The qk-norm too runs before heads move forward: its per-(token, head) statistics then
+        # come out in the order its output is written, and inductor computes both in one kernel
+        # (moved after, the statistics were two kernels of their own that read q and k once more).
+        q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
+        out = self.attend(rope(q), rope(k), v.transpose(1, 2))   # (B, heads, N, head_dim)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
 
