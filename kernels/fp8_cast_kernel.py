@@ -50,6 +50,8 @@ def cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sfd_scale.kernels.fp8_cast.fp8_cast_transpose` on a contiguous matrix, by the kernel."""
     rows, cols = x.shape
+    if rows * cols >= 2 ** 31:  # the kernel's offsets are 32-bit
+        raise ValueError(f"fp8_cast_transpose: a {rows} x {cols} matrix is too large for the kernel (< 2**31 elements)")
     # Triton's interpreter rounds to FP8 wrongly (-7.875 -> -4.0 in e5m2): interpreted, the kernel
     # stores the float32 values it would round, and torch rounds them (a GPU rounds in the kernel).
     stored = torch.float32 if triton_interpreting() else fp8_dtype

@@ -134,7 +134,7 @@ run_named() {
     fp8) step fp8_rowwise_blocks 120 $PY "${XXL[@]}" --compile blocks --fp8 rowwise --no-baseline \
       --profile-steps 3 --json "$OUT/xxl_fp8_blocks.json" ;;
     fp8_curve) step precision_loss_curves 150:330 $PY launchers/compare_precision.py --set optim.lr=2e-4 \
-      --recipes none bf16_residual tensorwise delayed --steps 200 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
+      --recipes none delayed bf16_residual --steps 200 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
     blocks_fused_ema) step blocks_fused_adamw_ema 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused_ema.json" ;;
     sync_free) step blocks_graphs_fused_ema_sync_free 80 $PY "${SYNC_FREE[@]}" --json "$OUT/xxl_sync_free.json" ;;
@@ -155,19 +155,19 @@ run_named() {
 }
 STEPS=("$@")
 # What the session most needs first (after the H100 call of 2026-11-27): the whole step as CUDA graphs
-# and our delayed-scaling FP8 (both built without a GPU: their tests on CUDA first, then the step
-# with each, the trainer loop with the graphs, next to the same step without them); then the
-# reference and its plain
-# tuning on this card; our fastest step with the reference's numbers (weights: CUDA graphs, fused
-# optimizer, no host sync, bf16 weight copies; profiled, with where the GPU idles); the real trainer
-# loop, profiled (it ran 46 ms a step slower than the step alone), then on one device-resident batch
-# (no loader: what is the loader's); the same step with a bf16 residual
-# stream; FP8 tensorwise and rowwise with a bf16 weight gradient (rowwise lost 26 ms to its casts);
-# SDPA's flash kernel against the cuDNN one it picks (6.1 ms of attention on the H100);
-# the kernel tests; the loss curves of the bf16 residual and FP8 tensorwise against bf16; then the
-# rows that attribute the gains.
-(( ${#STEPS[@]} )) || STEPS=(env graph_tests graph graph_delayed weights trainer_graph reference reference_tuned graph_residual graph_tensorwise trainer_graph_ddp trainer trainer_resident weights_residual best_tensorwise best_gw_hp attn_flash kernel_tests
-  fp8_curve tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
+# and our delayed-scaling FP8 (both built without a GPU: their tests and the FP8 cast-transpose
+# kernel's on CUDA first, then the step with each, the trainer loop with the graphs, next to the
+# same step without them); then the reference and its plain tuning on this card; our fastest step
+# with the reference's numbers (weights: CUDA graphs, fused optimizer, no host sync, bf16 weight
+# copies; profiled, with where the GPU idles); the same step with a bf16 residual stream; the real
+# trainer loop, profiled (it ran 46 ms a step slower than the step alone), then on one
+# device-resident batch (no loader: what is the loader's); the loss curves of delayed FP8 and the
+# bf16 residual against bf16; SDPA's flash kernel against the cuDNN one it picks; the kernel tests.
+# torchao's tensorwise and rowwise-with-bf16-weight-gradient come after: the kernel plan
+# (launchers/kernel_plan.py) predicts both lose to their casts, as rowwise did. Then the rows that
+# attribute the gains.
+(( ${#STEPS[@]} )) || STEPS=(env graph_tests graph graph_delayed weights trainer_graph reference reference_tuned graph_residual trainer_graph_ddp trainer trainer_resident weights_residual fp8_curve attn_flash kernel_tests
+  graph_tensorwise best_tensorwise best_gw_hp tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
   ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 
