@@ -147,7 +147,7 @@ def plan_block(model_cfg: ModelConfig, batch_size: int, fp8: str = "none", bf16_
     fast_paths.apply_fp8(holder, fp8, torch.device("cpu"))
     for layer in holder.modules():
         if isinstance(layer, Float8DelayedLinear):  # the kernel a GPU runs (on the CPU it computes with its twin)
-            layer.gradient_cast = fp8_cast_transpose
+            layer.cast_transpose = fp8_cast_transpose
     if bf16_weights:
         attach_bf16_weights(holder)
     block = holder.blocks[0]

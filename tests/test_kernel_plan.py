@@ -42,7 +42,7 @@ def test_bf16_plan_lists_generated_kernels_beside_the_library_matmuls():
     assert forward.memory_bound_bytes - bf16_forward.memory_bound_bytes >= 6 * weights  # fp32 read, bf16 write
 
 
-def test_delayed_fp8_plan_fuses_each_input_cast_into_its_producer_and_casts_gradients_in_our_kernel(tmp_path):
+def test_delayed_fp8_plan_fuses_each_input_cast_into_its_producer_and_casts_the_rest_in_our_kernel(tmp_path):
     done = subprocess.run([sys.executable, "launchers/kernel_plan.py", "--size", "S", "--batch-size", "1", "--fp8",
                            "delayed", "--json", str(tmp_path / "plan.json")], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
@@ -53,7 +53,8 @@ def test_delayed_fp8_plan_fuses_each_input_cast_into_its_producer_and_casts_grad
     # The norm + modulate kernels also cast to FP8 with the delayed scale and take this step's amax:
     # the premise of delayed scaling (no pass of its own over the matmul's input).
     assert sum({"rsqrt", "amax", "clamp_max"} <= ops for ops in forward) == 2
-    ours = [k for k in plan["backward"]["kernels"] if k["kind"] == "ours"]
-    assert len(ours) == 4 and all("fp8_cast_transpose" in k["ops"][0] for k in ours)
+    for phase in ("forward", "backward"):  # the four weights, then the four output gradients
+        ours = [k for k in plan[phase]["kernels"] if k["kind"] == "ours"]
+        assert len(ours) == 4 and all("fp8_cast_transpose" in k["ops"][0] for k in ours), phase
     assert plan["backward"]["memory_bound_bytes"] == sum(
         k["bytes"] for k in plan["backward"]["kernels"] if k["kind"] in ("triton", "ours"))

@@ -173,7 +173,7 @@ def test_fp8_layer_backward_through_the_kernel_equals_the_twin():
     torch.manual_seed(0)
     plain = torch.nn.Linear(64, 96).to(DEVICE)
     layers = [Float8DelayedLinear.from_linear(copy.deepcopy(plain)) for _ in range(2)]
-    layers[1].gradient_cast = fp8_cast_transpose
+    layers[1].cast_transpose = fp8_cast_transpose
     x = torch.randn(2, 40, 64, device=DEVICE)
     grads = []
     for layer in layers:

@@ -320,8 +320,9 @@ def _fp8_eligible(module: nn.Module, name: str) -> bool:
 def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
     from sfd_scale.models.fp8_delayed import Float8DelayedLinear
 
-    # The output gradient's casts: our Triton cast-transpose kernel where Triton runs (one read of
-    # the gradient instead of three), else the same arithmetic in PyTorch.
+    # The weights' and output gradients' casts to both FP8 layouts: our Triton cast-transpose
+    # kernel where Triton runs (one read of a gradient instead of three), else the same arithmetic
+    # in PyTorch.
     kernel = fused_kernels_unavailable(device) is None
     if kernel:
         from sfd_scale.kernels.fp8_cast import fp8_cast_transpose
@@ -331,9 +332,9 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
         parent = model.get_submodule(parent_name)
         layer = Float8DelayedLinear.from_linear(getattr(parent, child))
         if kernel:
-            layer.gradient_cast = fp8_cast_transpose
+            layer.cast_transpose = fp8_cast_transpose
         setattr(parent, child, layer)
-    log.info("FP8 (delayed scaling, ours): %d linear layers; gradient casts by %s", len(chosen),
+    log.info("FP8 (delayed scaling, ours): %d linear layers; weight and gradient casts by %s", len(chosen),
              "the Triton cast-transpose kernel" if kernel else "PyTorch")
     return len(chosen)
 

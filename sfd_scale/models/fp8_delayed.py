@@ -36,10 +36,11 @@ E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 E5M2_MAX = torch.finfo(torch.float8_e5m2).max
 _AMAX_FLOOR = 1e-12
 """An all-zero tensor still gets a finite scale."""
-GradientCast = Callable[[torch.Tensor, torch.Tensor, torch.dtype, bool],
-                        tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-"""(dy, scale, FP8 dtype, column sums?) -> (dy in FP8, the same transposed, amax, column sums):
-`fp8_cast_transpose_reference` or the Triton kernel `sfd_scale.kernels.fp8_cast`."""
+CastTranspose = Callable[[torch.Tensor, torch.Tensor, torch.dtype, bool],
+                         tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(matrix, scale, FP8 dtype, column sums?) -> (the matrix in FP8, the same transposed, its amax,
+its column sums): `fp8_cast_transpose_reference` or our Triton kernel's op
+`sfd_scale.kernels.fp8_cast.fp8_cast_transpose`. Casts the weights and the output gradients."""
 HISTORY_BUFFERS = ("fp8_input_amax_history", "fp8_weight_amax_history", "fp8_grad_amax_history")
 """The layer's state beyond nn.Linear's: checkpointed, never exported (reference keys only)."""
 
@@ -108,14 +109,16 @@ class _DelayedFloat8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 histories: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dynamic: bool,
-                out_dtype: torch.dtype, gradient_cast: GradientCast) -> torch.Tensor:
+                out_dtype: torch.dtype, cast_transpose: CastTranspose) -> torch.Tensor:
         input_history, weight_history, grad_history = histories
-        x_amax, w_amax = x2d.detach().abs().amax(), weight.detach().abs().amax()
+        x_amax = x2d.detach().abs().amax()
         x_scale = _scale(x_amax if dynamic else input_history.amax(), E4M3_MAX)
         x8 = _cast(x2d, x_scale, torch.float8_e4m3fn, E4M3_MAX)
         _record(input_history, x_amax)
-        w_scale = _scale(w_amax if dynamic else weight_history.amax(), E4M3_MAX)
-        w8 = _cast(weight, w_scale, torch.float8_e4m3fn, E4M3_MAX)
+        # The weight in both layouts from one read: w8 for this matmul, w8_t (w8 transposed) kept
+        # for the input gradient's, so the backward does not cast the weight again.
+        w_scale = _scale(weight.abs().amax() if dynamic else weight_history.amax(), E4M3_MAX)
+        w8, w8_t, w_amax, _ = cast_transpose(weight, w_scale, torch.float8_e4m3fn, False)
         _record(weight_history, w_amax)
         # The bias rides in the matmul's epilogue where the FP8 matmul takes one (a bf16/fp16
         # output): an add after it would be one more pass over the output.
@@ -125,10 +128,8 @@ class _DelayedFloat8Matmul(torch.autograd.Function):
                              use_fast_accum=True)
         if bias is not None and not fused_bias:
             y = y + bias.to(out_dtype)
-        # The input gradient's matmul takes the weight column by column: only that layout is kept
-        # (compiled, the partitioner may instead recompute it from the weight in the backward).
-        ctx.save_for_backward(x8, _column_major(w8), x_scale, w_scale, grad_history)
-        ctx.dynamic, ctx.has_bias, ctx.gradient_cast = dynamic, bias is not None, gradient_cast
+        ctx.save_for_backward(x8, w8_t.t(), x_scale, w_scale, grad_history)  # w8 column by column
+        ctx.dynamic, ctx.has_bias, ctx.cast_transpose = dynamic, bias is not None, cast_transpose
         ctx.input_dtype, ctx.weight_dtype = x2d.dtype, weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
@@ -143,7 +144,7 @@ class _DelayedFloat8Matmul(torch.autograd.Function):
             g_scale = _scale(grad_history.amax(), E5M2_MAX)
         # dy in FP8 row by row (input gradient) and column by column (weight gradient), its amax
         # and its column sums (the bias gradient), from one read of dy where the kernel runs.
-        g8, g8_columns, g_amax, g_sums = ctx.gradient_cast(dy, g_scale, torch.float8_e5m2, ctx.has_bias)
+        g8, g8_columns, g_amax, g_sums = ctx.cast_transpose(dy, g_scale, torch.float8_e5m2, ctx.has_bias)
         _record(grad_history, g_amax)
         g_inverse = g_scale.reciprocal()
         dx = torch._scaled_mm(g8, w8_columns, scale_a=g_inverse, scale_b=w_scale.reciprocal(),
@@ -166,9 +167,10 @@ class Float8DelayedLinear(nn.Linear):
             self.register_buffer(name, torch.zeros(HISTORY, dtype=torch.float32, device=device))
         self.fp8_ready = False
         """True once the histories hold a step: until then scales come from the current amaxes."""
-        self.gradient_cast: GradientCast = fp8_cast_transpose_reference
-        """How the backward casts the output gradient; the Triton kernel where it can run
-        (`sfd_scale.models.fast_paths`, which logs the choice). A plain attribute, not state."""
+        self.cast_transpose: CastTranspose = fp8_cast_transpose_reference
+        """How the weight and the output gradient are cast to both FP8 layouts: our Triton kernel
+        where it can run (`sfd_scale.models.fast_paths`, which logs the choice). A plain attribute,
+        not state."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Float8DelayedLinear:
@@ -191,7 +193,7 @@ class Float8DelayedLinear(nn.Linear):
         out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         histories = tuple(getattr(self, name) for name in HISTORY_BUFFERS)
         y = _DelayedFloat8Matmul.apply(x.reshape(tokens, x.shape[-1]), self.weight, self.bias, histories, dynamic,
-                                       out_dtype, self.gradient_cast)
+                                       out_dtype, self.cast_transpose)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
