@@ -54,7 +54,7 @@ from sfd_scale.models.fast_paths import (
 from sfd_scale.models.layers import Attention
 from sfd_scale.models.lightningdit import build_model, count_parameters
 from sfd_scale.parallel.checkpointing import apply_activation_checkpointing
-from sfd_scale.parallel.dims import check_bf16_weights
+from sfd_scale.parallel.dims import check_bf16_weights, check_delayed_fp8
 from sfd_scale.parallel.engine import LocalEngine
 from sfd_scale.profile_step import count_host_syncs, format_profile, profile_training_step
 from sfd_scale.train.gc_schedule import ScheduledGC
@@ -379,9 +379,8 @@ def run_benchmark(cfg: SFDConfig, options: BenchOptions, device: torch.device | 
         raise ValueError(f"--cuda-graph needs --warmup 3 or more (2 eager steps, then the capture; got "
                          f"{options.warmup_steps}) and a --compile-mode other than reduce-overhead (got "
                          f"{options.compile_mode}), whose own graphs cannot be captured")
-    if options.fp8 == "delayed" and cfg.parallel.activation_checkpointing != "none":
-        raise ValueError("--fp8 delayed runs without activation checkpointing (a recomputed forward would record "
-                         "its amaxes twice)")
+    # The step below is the local engine's, whatever the config says.
+    check_delayed_fp8(options.fp8, dataclasses.replace(cfg.parallel, engine="local"))
     reason = fp8_unavailable(device, options.fp8) if options.fp8 != "none" else None
     if reason is not None:
         raise ValueError(f"--fp8 {options.fp8} cannot run: {reason}")

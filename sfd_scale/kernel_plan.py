@@ -103,15 +103,12 @@ def recording_backend() -> Iterator[tuple[Callable, list[GraphPlan]]]:
         plans.append(GraphPlan(tuple(k for k in map(_kernel_of, self.nodes) if k is not None)))
         raise _Planned
 
-    def planned(exc: BaseException) -> bool:  # inductor wraps what code generation raised
-        return "_Planned" in f"{type(exc).__name__} {exc!r} {getattr(exc, 'inner_exception', '')!r}"
-
     def inner(gm, example_inputs, **kwargs):
         try:
             with inductor_config.patch(cpu_backend="triton"):
                 compile_fx_inner(gm, example_inputs, **kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is our own stop
-            if not planned(exc):
+            if not isinstance(getattr(exc, "inner_exception", exc), _Planned):  # inductor wraps it
                 raise
         with inductor_config.patch(cpu_backend="cpp"):
             return compile_fx_inner(gm, example_inputs, **kwargs)

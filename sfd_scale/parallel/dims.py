@@ -256,6 +256,15 @@ def check_cuda_graph(cfg: SFDConfig) -> None:
         raise ValueError("train.cuda_graph needs " + "; ".join(needs))
 
 
+def check_delayed_fp8(fp8: str, parallel: ParallelConfig) -> None:
+    """model.fp8=delayed needs whole weights (sharded ones are DTensors, or empty outside hooks) and
+    one forward per step (a recomputed forward would record its amaxes twice)."""
+    if fp8 == "delayed" and (parallel.engine not in ("local", "ddp") or parallel.activation_checkpointing != "none"):
+        raise ValueError(f"model.fp8=delayed runs with parallel.engine local or ddp and no activation "
+                         f"checkpointing (got engine {parallel.engine}, activation_checkpointing "
+                         f"{parallel.activation_checkpointing})")
+
+
 def has_fused_optimizer(parallel: ParallelConfig) -> bool:
     """Whether the engine these settings pick can run the fused AdamW + EMA kernel (optim.fused_ema)."""
     return parallel.engine in ("local", "ddp", "fsdp2") and parallel.tensor_parallel == 1
@@ -286,12 +295,7 @@ def check_config_fits(cfg: SFDConfig, dims: ParallelDims) -> None:
         raise ValueError(f"parallel.tensor_parallel={p.tensor_parallel} runs megatron-core's linear layers "
                          f"eagerly; model.compile={cfg.model.compile}, model.fused_kernels={cfg.model.fused_kernels} "
                          f"and model.fp8={cfg.model.fp8} are not supported with it (set none / false / none)")
-    if cfg.model.fp8 == "delayed" and (p.engine not in ("local", "ddp") or p.activation_checkpointing != "none"):
-        # Sharded weights are DTensors or empty outside hooks; a recomputed forward would record
-        # its amaxes twice.
-        raise ValueError(f"model.fp8=delayed runs with parallel.engine local or ddp and no activation "
-                         f"checkpointing (got engine {p.engine}, activation_checkpointing "
-                         f"{p.activation_checkpointing})")
+    check_delayed_fp8(cfg.model.fp8, p)
     if p.engine == "deepspeed" and p.zero_stage == 3 and cfg.model.fp8 != "none":
         raise ValueError(f"model.fp8={cfg.model.fp8} does not work with DeepSpeed ZeRO-3 (its partitioned "
                          "parameters are empty outside its hooks); use parallel.zero_stage 1/2 or fsdp2")
