@@ -1,10 +1,13 @@
-"""The Triton kernel behind `sfd_scale.kernels.fp8_cast` (which says why): one read of a matrix
-writes its FP8 cast in both layouts, per-program amaxes and, optionally, per-program column sums.
-
-Partial amaxes and column sums are reduced in PyTorch afterwards: no atomics, so results do not
-depend on the order programs run in. Uses Triton builtins only: see the package docstring.
+"""The Triton kernels behind `sfd_scale.kernels.fp8_cast` (which says why): one read of a matrix
+writes its FP8 cast in both layouts, per-program amaxes and, optionally, per-program column sums;
+a second, small kernel reduces those partials in a fixed order (no atomics, so results do not
+depend on the order programs run in) and writes the amax into its history slot and the column
+sums in the bias's dtype. Done in PyTorch, that was four small kernels a cast. Uses Triton
+builtins only: see the package docstring.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -14,6 +17,7 @@ from sfd_scale.kernels import triton_interpreting
 
 _BLOCK_ROWS = 64
 _BLOCK_COLS = 64
+_FINISH_BLOCK = 256
 
 
 @triton.jit
@@ -23,7 +27,8 @@ def _add(a, b):
 
 @triton.jit
 def _max(a, b):
-    return tl.maximum(a, b)
+    # NaN wins, as in torch.amax (the GPU's max instruction would return the other operand).
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -46,22 +51,99 @@ def _cast_transpose_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, 
         tl.store(colsum_part_ptr + row_block * cols + c, tl.reduce(x, 0, _add), mask=c < cols)
 
 
-def cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, column_sums: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`sfd_scale.kernels.fp8_cast.fp8_cast_transpose` on a contiguous matrix, by the kernel."""
+@triton.jit
+def _swiglu_backward_cast_kernel(h_ptr, dg_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, colsum_part_ptr, rows,
+                                 hidden, fp8_max, COLUMN_SUMS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                                 BLOCK_COLS: tl.constexpr):
+    # The gradient of w12's output h = [gate | value] from the SwiGLU's output gradient dg, cast
+    # like `_cast_transpose_kernel` casts a given matrix: the tile's gate and value columns at once.
+    row_block = tl.program_id(0)
+    col_block = tl.program_id(1)
+    r = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    c = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (r[:, None] < rows) & (c[None, :] < hidden)
+    width = 2 * hidden
+    gate = tl.load(h_ptr + r[:, None] * width + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    value = tl.load(h_ptr + r[:, None] * width + hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    dg = tl.load(dg_ptr + r[:, None] * hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-gate))
+    d_gate = dg * value * sig * (1.0 + gate * (1.0 - sig))  # d silu(g)/dg = sig * (1 + g * (1 - sig))
+    d_value = dg * gate * sig
+    scale = tl.load(scale_ptr)
+    cast_gate = tl.minimum(tl.maximum(d_gate * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
+    cast_value = tl.minimum(tl.maximum(d_value * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + r[:, None] * width + c[None, :], cast_gate, mask=mask)
+    tl.store(out_ptr + r[:, None] * width + hidden + c[None, :], cast_value, mask=mask)
+    tl.store(out_t_ptr + c[None, :] * rows + r[:, None], cast_gate, mask=mask)
+    tl.store(out_t_ptr + (hidden + c[None, :]) * rows + r[:, None], cast_value, mask=mask)
+    tile_amax = _max(tl.reduce(tl.reduce(tl.abs(d_gate), 1, _max), 0, _max),
+                     tl.reduce(tl.reduce(tl.abs(d_value), 1, _max), 0, _max))
+    tl.store(amax_part_ptr + row_block * tl.num_programs(1) + col_block, tile_amax)
+    if COLUMN_SUMS:
+        tl.store(colsum_part_ptr + row_block * width + c, tl.reduce(d_gate, 0, _add), mask=c < hidden)
+        tl.store(colsum_part_ptr + row_block * width + hidden + c, tl.reduce(d_value, 0, _add), mask=c < hidden)
+
+
+@triton.jit
+def _finish_kernel(amax_part_ptr, parts, amax_out_ptr, colsum_part_ptr, sums_ptr, row_blocks, cols,
+                   COLUMN_SUMS: tl.constexpr, BLOCK: tl.constexpr):
+    program = tl.program_id(0)
+    offsets = tl.arange(0, BLOCK)
+    if program == 0:
+        largest = tl.full([BLOCK], 0.0, tl.float32)
+        for start in range(0, parts, BLOCK):
+            part = tl.load(amax_part_ptr + start + offsets, mask=start + offsets < parts, other=0.0)
+            largest = _max(largest, part)
+        amax = tl.reduce(largest, 0, _max)
+        tl.store(amax_out_ptr, tl.where(amax < float("inf"), amax, 0.0))  # NaN and inf fail the test
+    if COLUMN_SUMS:
+        c = program * BLOCK + offsets
+        total = tl.full([BLOCK], 0.0, tl.float32)
+        for row_block in range(0, row_blocks):
+            total += tl.load(colsum_part_ptr + row_block * cols + c, mask=c < cols, other=0.0)
+        tl.store(sums_ptr + c, total.to(sums_ptr.dtype.element_ty), mask=c < cols)
+
+
+def cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
+                   sums_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sfd_scale.kernels.fp8_cast.fp8_cast_transpose` on a contiguous matrix, by the kernels."""
     rows, cols = x.shape
-    if rows * cols >= 2 ** 31:  # the kernel's offsets are 32-bit
-        raise ValueError(f"fp8_cast_transpose: a {rows} x {cols} matrix is too large for the kernel (< 2**31 elements)")
+    return _launch(rows, cols, cols, fp8_dtype, amax_out, sums_dtype, x.device,
+                   lambda grid, out, out_t, amax_part, colsum_part, fp8_max: _cast_transpose_kernel[grid](
+                       x, scale, out, out_t, amax_part, colsum_part, rows, cols, fp8_max,
+                       COLUMN_SUMS=sums_dtype is not None, BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS))
+
+
+def swiglu_backward_cast(h: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
+                         amax_out: torch.Tensor, sums_dtype: torch.dtype | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sfd_scale.kernels.fp8_cast.fp8_swiglu_backward_cast` on contiguous matrices, by the kernels."""
+    rows, hidden = dg.shape
+    return _launch(rows, 2 * hidden, hidden, fp8_dtype, amax_out, sums_dtype, h.device,
+                   lambda grid, out, out_t, amax_part, colsum_part, fp8_max: _swiglu_backward_cast_kernel[grid](
+                       h, dg, scale, out, out_t, amax_part, colsum_part, rows, hidden, fp8_max,
+                       COLUMN_SUMS=sums_dtype is not None, BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS))
+
+
+def _launch(rows: int, cols: int, tiled_cols: int, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
+            sums_dtype: torch.dtype | None, device: torch.device, cast_kernel: Callable[..., object]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Allocate a (rows, cols) cast, run `cast_kernel` over tiles of `tiled_cols` columns, then the
+    finishing reduction; returns (cast, cast transposed, column sums)."""
+    if rows * cols >= 2 ** 31:  # the kernels' offsets are 32-bit
+        raise ValueError(f"fp8 cast: a {rows} x {cols} matrix is too large for the kernel (< 2**31 elements)")
     # Triton's interpreter rounds to FP8 wrongly (-7.875 -> -4.0 in e5m2): interpreted, the kernel
     # stores the float32 values it would round, and torch rounds them (a GPU rounds in the kernel).
     stored = torch.float32 if triton_interpreting() else fp8_dtype
-    out = torch.empty((rows, cols), dtype=stored, device=x.device)
-    out_t = torch.empty((cols, rows), dtype=stored, device=x.device)
-    grid = (triton.cdiv(rows, _BLOCK_ROWS), triton.cdiv(cols, _BLOCK_COLS))
-    amax_part = torch.empty(grid, dtype=torch.float32, device=x.device)
-    colsum_part = torch.empty((grid[0], cols) if column_sums else (0,), dtype=torch.float32, device=x.device)
-    _cast_transpose_kernel[grid](x, scale, out, out_t, amax_part, colsum_part, rows, cols,
-                                 torch.finfo(fp8_dtype).max, COLUMN_SUMS=column_sums,
-                                 BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS)
-    column_total = colsum_part.sum(0) if column_sums else colsum_part
-    return out.to(fp8_dtype), out_t.to(fp8_dtype), amax_part.amax(), column_total
+    out = torch.empty((rows, cols), dtype=stored, device=device)
+    out_t = torch.empty((cols, rows), dtype=stored, device=device)
+    grid = (triton.cdiv(rows, _BLOCK_ROWS), triton.cdiv(tiled_cols, _BLOCK_COLS))
+    column_sums = sums_dtype is not None
+    amax_part = torch.empty(grid, dtype=torch.float32, device=device)
+    colsum_part = torch.empty((grid[0], cols) if column_sums else (0,), dtype=torch.float32, device=device)
+    cast_kernel(grid, out, out_t, amax_part, colsum_part, torch.finfo(fp8_dtype).max)
+    sums = torch.empty((cols,) if column_sums else (0,), dtype=sums_dtype or torch.float32, device=device)
+    finish_grid = (triton.cdiv(cols, _FINISH_BLOCK) if column_sums else 1,)
+    _finish_kernel[finish_grid](amax_part, amax_part.numel(), amax_out, colsum_part, sums, grid[0], cols,
+                                COLUMN_SUMS=column_sums, BLOCK=_FINISH_BLOCK)
+    return out.to(fp8_dtype), out_t.to(fp8_dtype), sums

@@ -34,11 +34,33 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return x * cos + rotated * sin
 
 
-def fp8_cast_transpose_reference(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, column_sums: bool
-                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (rows, cols) -> (x * scale saturated to `fp8_dtype`, the same transposed and contiguous,
-    amax(|x|) in float32, x's float32 column sums or an empty tensor)."""
+def fp8_cast_transpose_reference(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
+                                 amax_out: torch.Tensor, sums_dtype: torch.dtype | None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (rows, cols) -> (x * scale saturated to `fp8_dtype`, the same transposed, x's column sums
+    accumulated in float32 and returned in `sums_dtype`, or an empty float32 tensor for None);
+    writes amax(|x|) in float32 into the one-element `amax_out`, 0 where it is not finite."""
     fp8_max = torch.finfo(fp8_dtype).max
     cast = (x.float() * scale).clamp(-fp8_max, fp8_max).to(fp8_dtype)
-    sums = x.sum(0, dtype=torch.float32) if column_sums else x.new_empty(0, dtype=torch.float32)
-    return cast, cast.t().contiguous(), x.detach().abs().amax().float(), sums
+    amax = x.detach().abs().amax().float()
+    amax_out.copy_(torch.where(amax.isfinite(), amax, 0.0).reshape(amax_out.shape))
+    sums = (x.sum(0, dtype=torch.float32).to(sums_dtype) if sums_dtype is not None
+            else x.new_empty(0, dtype=torch.float32))
+    return cast, cast.t().contiguous(), sums
+
+
+def swiglu_backward_reference(h: torch.Tensor, dg: torch.Tensor) -> torch.Tensor:
+    """The gradient of h (..., 2H) = [gate, value] through silu(gate) * value, given the output's
+    gradient dg (..., H), in float32 (the kernels' arithmetic, with sigmoid written out)."""
+    gate, value = h.float().chunk(2, dim=-1)
+    dg = dg.float()
+    sig = 1.0 / (1.0 + torch.exp(-gate))
+    return torch.cat([dg * value * sig * (1.0 + gate * (1.0 - sig)), dg * gate * sig], dim=-1)
+
+
+def fp8_swiglu_backward_cast_reference(h: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
+                                       amax_out: torch.Tensor, sums_dtype: torch.dtype | None
+                                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fp8_cast_transpose_reference` of the SwiGLU's input gradient `swiglu_backward_reference(h,
+    dg)`, taken in float32 (never rounded to h's dtype first)."""
+    return fp8_cast_transpose_reference(swiglu_backward_reference(h, dg), scale, fp8_dtype, amax_out, sums_dtype)

@@ -97,6 +97,11 @@ def hopper_ptx(monkeypatch: pytest.MonkeyPatch, module, kernel: str, signature: 
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
+    # Triton's code generator imports Gluon, which refuses to wrap the interpreted helpers of
+    # `triton.language` outside interpreter mode: import it while the mode is still on.
+    with pytest.MonkeyPatch.context() as interpreting:
+        interpreting.setenv("TRITON_INTERPRET", "1")
+        import triton.compiler.code_generator  # noqa: F401
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for name in (kernel, *helpers):
         jitted = getattr(module, name)

@@ -1,6 +1,8 @@
 """model.fp8: delayed — FP8 linears scaled by the previous steps' amaxes (CPU: torch's FP8 matmul)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +11,9 @@ import torch.nn.functional as F
 from dist_worker import train_on_two_ranks
 from fault_worker import assert_identical
 from fixtures import tiny_sfd_config, write_latent_folder
-from sfd_scale.models.fp8_delayed import HISTORY, HISTORY_BUFFERS, Float8DelayedLinear, is_fp8_state
+from sfd_scale.kernels.reference import fp8_swiglu_backward_cast_reference, swiglu_reference
+from sfd_scale.models.fp8_delayed import (E4M3_MAX, E5M2_MAX, HISTORY, HISTORY_BUFFERS, Float8DelayedLinear,
+                                          fold_amax_histories, is_fp8_state, register_fold_hook)
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.parallel.dims import ParallelDims, check_config_fits
 from sfd_scale.train.trainer import Trainer
@@ -24,7 +28,9 @@ def _pair(seed: int = 0) -> tuple[nn.Linear, Float8DelayedLinear]:
     plain = nn.Linear(64, 48)
     twin = nn.Linear(64, 48)
     twin.load_state_dict(plain.state_dict())
-    return plain, Float8DelayedLinear.from_linear(twin)
+    fp8 = Float8DelayedLinear.from_linear(twin)
+    register_fold_hook(fp8)  # as in a model: each training forward starts by folding the last step's amaxes
+    return plain, fp8
 
 
 def test_fp8_layer_is_close_to_the_linear_it_replaces_forward_and_backward():
@@ -60,7 +66,7 @@ def test_scales_come_from_the_previous_steps_amaxes():
 
     assert step(x) < 0.08                           # first step: scaled by its own amax
     history = fp8.fp8_input_amax_history
-    assert history.shape == (HISTORY,) and history[0] == x.abs().amax() and not history[1:].any()
+    assert history.shape == (HISTORY + 1,) and history[0] == x.abs().amax() and not history[1:].any()
     assert fp8.fp8_grad_amax_history[0] == 1.0      # d(sum)/dy: the backward records its amax too
     assert fp8.fp8_weight_amax_history[0] == plain.weight.abs().amax()
     # Four times larger inputs are cast with the scale of the smaller ones: they saturate at
@@ -68,6 +74,41 @@ def test_scales_come_from_the_previous_steps_amaxes():
     assert step(4 * x) > 0.3
     assert torch.equal(history[:2], torch.stack([4 * x.abs().amax(), x.abs().amax()]))
     assert step(4 * x) < 0.08                       # the history has caught up
+
+
+def test_each_step_starts_by_folding_the_last_steps_amaxes_into_the_look_back_and_the_scales():
+    _, fp8 = _pair()
+    x = torch.randn(32, 64)
+    steps = HISTORY + 3
+    for i in range(steps):  # step i's inputs have amax (i + 1) * amax(x): every step's is distinct
+        fp8(((i + 1) * x).requires_grad_()).float().sum().backward()
+    amax = x.abs().amax()
+    history = fp8.fp8_input_amax_history
+    assert history[0] == steps * amax               # slot 0: the last step's, not yet folded
+    fold_amax_histories([fp8])                      # what the next training forward starts with
+    want = torch.stack([(steps - i) * amax for i in range(HISTORY)])  # the last HISTORY steps, newest first
+    torch.testing.assert_close(history[1:], want, rtol=0, atol=0)
+    maxes = torch.tensor([E4M3_MAX, E4M3_MAX, E5M2_MAX])
+    lookback = torch.stack([getattr(fp8, name)[1:].amax() for name in HISTORY_BUFFERS])
+    torch.testing.assert_close(fp8.fp8_scales, torch.stack([maxes / lookback, lookback / maxes]))
+    assert fp8.fp8_weight_amax_history[1:].eq(fp8.weight.abs().amax()).all()
+
+
+def test_histories_written_before_slot_0_load_into_the_same_scales():
+    # Checkpoints from before slot 0 hold HISTORY folded values, newest first.
+    _, fp8 = _pair()
+    for i in range(HISTORY + 2):
+        fp8((torch.randn(16, 64) * (i + 1)).requires_grad_()).sum().backward()
+    state = fp8.state_dict()
+    legacy = {k: (v[:HISTORY] if is_fp8_state(k) else v) for k, v in state.items()}
+    old, new = (Float8DelayedLinear.from_linear(nn.Linear(64, 48)) for _ in range(2))
+    old.load_state_dict(legacy)
+    new.load_state_dict(state)
+    for layer in (old, new, fp8):
+        fold_amax_histories([layer])
+    assert torch.equal(old.fp8_scales, fp8.fp8_scales) and torch.equal(new.fp8_scales, fp8.fp8_scales)
+    for name in HISTORY_BUFFERS:
+        assert torch.equal(getattr(old, name)[1:], getattr(fp8, name)[1:]), name
 
 
 def test_a_non_finite_step_does_not_poison_the_scales():
@@ -89,6 +130,38 @@ def test_a_non_finite_step_does_not_poison_the_scales():
     for name in HISTORY_BUFFERS:
         assert getattr(fp8, name).isfinite().all(), name
     assert _relative(step(x), plain(x)) < 0.08       # the next step is an ordinary one
+
+
+def test_a_swiglu_w12_applies_the_activation_and_casts_its_gradient_in_the_same_pass():
+    # w12 followed by the SwiGLU, unfused (the layer, then silu(gate) * value) and fused (the
+    # layer returns the activation; its backward computes the gradient of w12's output and casts
+    # it in one pass). Same forward; the backward differs only where FP8 rounding does (the fused
+    # path casts the float32 gradient, the unfused one the gradient autograd computed).
+    torch.manual_seed(0)
+    w12 = nn.Linear(64, 96)
+    unfused, fused = (Float8DelayedLinear.from_linear(copy.deepcopy(w12)) for _ in range(2))
+    fused.fuse_swiglu(fp8_swiglu_backward_cast_reference)
+    for layer in (unfused, fused):
+        register_fold_hook(layer)
+    x = torch.randn(2, 32, 64)
+    weights = torch.linspace(-1, 1, 48)
+    for _ in range(3):  # the first step scales dynamically, the later ones from the histories
+        results = []
+        for layer in (unfused, fused):
+            xi = x.clone().requires_grad_()
+            layer.zero_grad()
+            out = layer(xi) if layer is fused else swiglu_reference(layer(xi))
+            (out.float() * weights).sum().backward()
+            results.append((out, xi.grad, layer.weight.grad, layer.bias.grad))
+        (out, *grads), (fused_out, *fused_grads) = results
+        assert fused_out.shape == (2, 32, 48) and torch.equal(fused_out, out)
+        for got, want in zip(fused_grads, grads):
+            assert _relative(got, want) < 0.02
+    torch.testing.assert_close(fused.fp8_grad_amax_history, unfused.fp8_grad_amax_history, rtol=1e-5, atol=0)
+    with torch.no_grad():                           # evaluation: a plain linear, then the activation
+        assert torch.equal(fused(x), swiglu_reference(F.linear(x, w12.weight, w12.bias)))
+    with pytest.raises(ValueError, match="even output width"):
+        Float8DelayedLinear.from_linear(nn.Linear(64, 95)).fuse_swiglu(fp8_swiglu_backward_cast_reference)
 
 
 def test_histories_are_checkpointed_and_optional_when_loading():
@@ -126,16 +199,21 @@ def test_compiled_layer_records_the_same_histories_as_eager():
         assert getattr(compiled, name)[:3].all()
 
 
+FP8_MODEL = {"fp8": "delayed", "mlp_ratio": 3.0}
+"""The tiny model with an MLP of width 64: its w12 and w3 are FP8 too (sizes divisible by 16)."""
+
+
 @pytest.fixture()
 def data_dir(tmp_path):
     return write_latent_folder(tmp_path / "latents")
 
 
 def test_delayed_fp8_training_resumes_exactly_and_exports_reference_keys(tmp_path, data_dir):
-    cfg = tiny_sfd_config(data_dir, model={"fp8": "delayed"})
+    cfg = tiny_sfd_config(data_dir, model=FP8_MODEL)
     straight = Trainer(cfg, tmp_path / "straight")
     straight.fit(6)
-    assert sum(isinstance(m, Float8DelayedLinear) for m in straight.engine.unwrap().modules()) == 4
+    layers = [m for m in straight.engine.unwrap().modules() if isinstance(m, Float8DelayedLinear)]
+    assert len(layers) == 8 and sum(m.swiglu_backward_cast is not None for m in layers) == 2  # qkv, proj, w12, w3
     first = Trainer(cfg, tmp_path / "resumed")
     first.fit(3)
     del first
@@ -149,7 +227,7 @@ def test_delayed_fp8_training_resumes_exactly_and_exports_reference_keys(tmp_pat
     reference = build_model(cfg.model).state_dict().keys()
     assert model.keys() == reference and ema.keys() == reference
     # The same checkpoint resumes without FP8 (its histories are left behind).
-    plain = Trainer(tiny_sfd_config(data_dir), tmp_path / "straight")
+    plain = Trainer(tiny_sfd_config(data_dir, model={"mlp_ratio": 3.0}), tmp_path / "straight")
     assert plain.maybe_resume() and plain.step == 6
 
 
@@ -157,7 +235,7 @@ def test_delayed_fp8_training_resumes_exactly_and_exports_reference_keys(tmp_pat
 def test_two_ddp_ranks_share_their_amaxes_and_resume_exactly(tmp_path, data_dir):
     # Each rank sees half the batch, so its own amaxes differ; shared after every backward, the
     # histories are every rank's, and a checkpoint (rank 0's) resumes both ranks exactly.
-    cfg = tiny_sfd_config(data_dir, model={"fp8": "delayed"}, train={"log_every": 2, "ckpt_every": 2})
+    cfg = tiny_sfd_config(data_dir, model=FP8_MODEL, train={"log_every": 2, "ckpt_every": 2})
     straight = train_on_two_ranks(tmp_path, cfg, "ddp", "straight", 4)
     train_on_two_ranks(tmp_path, cfg, "ddp", "resumed", 2)
     resumed = train_on_two_ranks(tmp_path, cfg, "ddp", "resumed", 4)

@@ -151,40 +151,106 @@ def test_fp8_cast_transpose_kernel(dtype, fp8_dtype):
     x = (torch.randn(100, 70, generator=g) * 3).to(DEVICE, dtype)
     x[3, 5], x[97, 69] = 1e6, -1e6
     scale = torch.tensor(torch.finfo(fp8_dtype).max / 4e5, device=DEVICE)
-    for column_sums in (True, False):
-        got = fp8_cast_transpose(x, scale, fp8_dtype, column_sums)
-        want = fp8_cast_transpose_reference(x, scale, fp8_dtype, column_sums)
+    for sums_dtype in (dtype, None):
+        slots = torch.full((2, 3), -1.0, device=DEVICE)  # the amax lands in the slot, nowhere else
+        got = fp8_cast_transpose(x, scale, fp8_dtype, slots[0, 1:2], sums_dtype)
+        want = fp8_cast_transpose_reference(x, scale, fp8_dtype, slots[1, 1:2], sums_dtype)
         for name, k, r in zip(("cast", "transposed"), got[:2], want[:2]):
             assert k.dtype == fp8_dtype and k.shape == r.shape, name
             assert torch.equal(k.view(torch.uint8), r.view(torch.uint8)), name   # bit for bit
         assert got[0][3, 5].item() == torch.finfo(fp8_dtype).max and got[1][69, 97].item() < 0
-        assert torch.equal(got[2], want[2])                                      # amax: exact
-        assert got[3].shape == want[3].shape
-        torch.testing.assert_close(got[3], want[3], rtol=1e-6, atol=1e-3)        # sums: another order
+        assert torch.equal(slots[:, 1], x.abs().amax().float().expand(2))      # amax: exact
+        assert (slots[:, [0, 2]] == -1).all()
+        assert got[2].shape == want[2].shape and got[2].dtype == want[2].dtype
+        torch.testing.assert_close(got[2], want[2], rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-3)
+    for bad in (float("nan"), float("inf")):  # a step the guard skips records 0, never poisons its history
+        y = x.clone()
+        y[50, 7] = bad
+        slot = torch.full((1,), -1.0, device=DEVICE)
+        fp8_cast_transpose(y, scale, fp8_dtype, slot, None)
+        assert slot.item() == 0.0
     with pytest.raises(ValueError, match="a matrix and a one-element scale"):
-        fp8_cast_transpose(x[None], scale, fp8_dtype, True)
+        fp8_cast_transpose(x[None], scale, fp8_dtype, slots[0, :1], None)
+    with pytest.raises(ValueError, match="one-element float32"):
+        fp8_cast_transpose(x, scale, fp8_dtype, slots[0], None)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_swiglu_backward_cast_kernel(dtype):
+    from sfd_scale.kernels.fp8_cast import fp8_swiglu_backward_cast
+    from sfd_scale.kernels.reference import fp8_swiglu_backward_cast_reference, swiglu_backward_reference
+
+    # 100 rows, hidden 70: partial tiles on both axes, the gate and value halves at their offsets.
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(100, 140, generator=g) * 3).to(DEVICE, dtype)
+    dg = torch.randn(100, 70, generator=g).to(DEVICE, dtype)
+    fp8 = torch.float8_e5m2
+    scale = torch.tensor(torch.finfo(fp8).max / 40.0, device=DEVICE)
+    slots = torch.full((2,), -1.0, device=DEVICE)
+    got = fp8_swiglu_backward_cast(h, dg, scale, fp8, slots[0:1], dtype)
+    want = fp8_swiglu_backward_cast_reference(h, dg, scale, fp8, slots[1:2], dtype)
+    for name, k, r in zip(("cast", "transposed"), got[:2], want[:2]):
+        assert k.dtype == fp8 and k.shape == r.shape, name
+        # exp in Triton and in PyTorch may differ in the last bit, and so move a value across an
+        # FP8 rounding boundary: a few elements may be one FP8 step apart, no more.
+        differ = k.view(torch.uint8) != r.view(torch.uint8)
+        assert differ.float().mean() < 0.01, name
+        assert ((k.view(torch.uint8).int() - r.view(torch.uint8).int()).abs() <= 1).all(), name
+    assert torch.equal(got[1].float(), got[0].float().t())
+    dh = swiglu_backward_reference(h, dg)
+    torch.testing.assert_close(slots, dh.abs().amax().expand(2), rtol=1e-6, atol=0)
+    assert got[2].dtype == dtype
+    torch.testing.assert_close(got[2].float(), dh.sum(0), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match=r"h \(rows, 2H\) and dg \(rows, H\)"):
+        fp8_swiglu_backward_cast(h, dg[:, :69], scale, fp8, slots[0:1], None)
 
 
 @needs_triton
 def test_fp8_layer_backward_through_the_kernel_equals_the_twin():
     from sfd_scale.kernels.fp8_cast import fp8_cast_transpose
-    from sfd_scale.models.fp8_delayed import Float8DelayedLinear
+    from sfd_scale.models.fp8_delayed import Float8DelayedLinear, register_fold_hook
 
     torch.manual_seed(0)
     plain = torch.nn.Linear(64, 96).to(DEVICE)
     layers = [Float8DelayedLinear.from_linear(copy.deepcopy(plain)) for _ in range(2)]
-    layers[1].cast_transpose = fp8_cast_transpose
-    x = torch.randn(2, 40, 64, device=DEVICE)
-    grads = []
     for layer in layers:
-        for _ in range(2):  # the first step scales dynamically, the second from the history
-            xi = x.clone().requires_grad_()
-            layer.zero_grad()
-            (layer(xi).float() * torch.linspace(-1, 1, 96, device=DEVICE)).sum().backward()
-        grads.append((xi.grad, layer.weight.grad, layer.bias.grad, layer.fp8_grad_amax_history))
+        register_fold_hook(layer)
+    layers[1].cast_transpose = fp8_cast_transpose
+    grads = _fp8_layer_grads(layers, torch.randn(2, 40, 64, device=DEVICE), width=96)
     (dx, dw, db, history), (dx_k, dw_k, db_k, history_k) = grads
     assert torch.equal(dx_k, dx) and torch.equal(dw_k, dw) and torch.equal(history_k, history)
     torch.testing.assert_close(db_k, db, rtol=1e-6, atol=1e-5)
+
+
+@needs_triton
+def test_fp8_swiglu_w12_backward_through_the_kernel_is_close_to_the_twin():
+    from sfd_scale.kernels.fp8_cast import fp8_swiglu_backward_cast
+    from sfd_scale.kernels.reference import fp8_swiglu_backward_cast_reference
+    from sfd_scale.models.fp8_delayed import Float8DelayedLinear, register_fold_hook
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 96).to(DEVICE)
+    layers = [Float8DelayedLinear.from_linear(copy.deepcopy(plain)) for _ in range(2)]
+    for layer, op in zip(layers, (fp8_swiglu_backward_cast_reference, fp8_swiglu_backward_cast)):
+        layer.fuse_swiglu(op)
+        register_fold_hook(layer)
+    grads = _fp8_layer_grads(layers, torch.randn(2, 40, 64, device=DEVICE), width=48)
+    for got, want in zip(grads[1], grads[0]):  # exp's last bit may move a value by one FP8 step
+        torch.testing.assert_close(got, want, rtol=0.02, atol=1e-3)
+
+
+def _fp8_layer_grads(layers, x: torch.Tensor, width: int) -> list[tuple[torch.Tensor, ...]]:
+    """(dx, dW, db, gradient amax history) of each FP8 layer after its second step (the first
+    scales dynamically, the second from the history)."""
+    grads = []
+    for layer in layers:
+        for _ in range(2):
+            xi = x.clone().requires_grad_()
+            layer.zero_grad()
+            (layer(xi).float() * torch.linspace(-1, 1, width, device=DEVICE)).sum().backward()
+        grads.append((xi.grad, layer.weight.grad, layer.bias.grad, layer.fp8_grad_amax_history.clone()))
+    return grads
 
 
 @needs_triton
@@ -206,6 +272,23 @@ def test_fp8_cast_transpose_writes_both_layouts_in_128_bit_stores(monkeypatch):
                      attrs=aligned, helpers=("_add", "_max"))
     assert ptx.count("ld.global.v4.b32") == 4 and ptx.count("st.global.v4.b32") == 4  # 64 B in, 2 x 32 B out
     assert "cvt.rn.satfinite.e5m2x2.f32" in ptx and "st.global.b8" not in ptx
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="PTX inspection is the CPU machines' check; a GPU runs the kernel")
+def test_fp8_cast_finish_kernel_compiles_for_hopper_and_writes_bf16_sums(monkeypatch):
+    # The interpreter runs the partials' reduction; this compiles it as a GPU would (its loops
+    # over a runtime count, the NaN-propagating max, the infinity test) and checks the sums leave
+    # in bf16, rounded to nearest.
+    from fixtures import hopper_ptx
+    from sfd_scale.kernels import fp8_cast_kernel
+
+    signature = {"amax_part_ptr": "*fp32", "parts": "i32", "amax_out_ptr": "*fp32", "colsum_part_ptr": "*fp32",
+                 "sums_ptr": "*bf16", "row_blocks": "i32", "cols": "i32", "COLUMN_SUMS": "constexpr",
+                 "BLOCK": "constexpr"}
+    ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, "_finish_kernel", signature,
+                     {"COLUMN_SUMS": True, "BLOCK": fp8_cast_kernel._FINISH_BLOCK}, helpers=("_max",))
+    assert "max.NaN.f32" in ptx and "cvt.rn.bf16" in ptx
 
 
 @needs_triton

@@ -26,9 +26,10 @@ def data_dir(tmp_path_factory):
     return write_latent_folder(tmp_path_factory.mktemp("graph") / "latents")
 
 
-def _config(data_dir, cuda_graph: bool, bf16_weights: bool = False):
+def _config(data_dir, cuda_graph: bool, bf16_weights: bool = False, fp8: str = "none"):
     optim = {"lr": 1e-3, "warmup_steps": 3, "fused_ema": True, "bf16_weights": bf16_weights}
-    return tiny_sfd_config(data_dir, optim=optim,
+    model = {"fp8": fp8, "mlp_ratio": 3.0} if fp8 != "none" else {}  # FP8 MLP linears (and the fused SwiGLU)
+    return tiny_sfd_config(data_dir, optim=optim, model=model,
                            train={"async_metrics": True, "cuda_graph": cuda_graph, "log_every": 2, "ckpt_every": 3,
                                   "precision": "bf16" if bf16_weights else "auto"})
 
@@ -72,12 +73,15 @@ def _assert_same(got, want) -> None:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("bf16_weights", [False, True], ids=["fp32-weights", "bf16-weight-copies"])
+@pytest.mark.parametrize("bf16_weights, fp8", [(False, "none"), (True, "none"), (True, "delayed")],
+                         ids=["fp32-weights", "bf16-weight-copies", "bf16-weight-copies-delayed-fp8"])
 def test_graphed_steps_give_the_ordinary_numbers_weights_skips_and_survive_a_state_reload(tmp_path, data_dir,
-                                                                                          bf16_weights):
+                                                                                          bf16_weights, fp8):
+    # Delayed FP8 adds in-place state to the captured step: the amax histories, folded by the
+    # model's forward hook, and written by the forward and backward.
     runs = {}
     for graphed in (False, True):
-        trainer = Trainer(_config(data_dir, graphed, bf16_weights), tmp_path / str(graphed))
+        trainer = Trainer(_config(data_dir, graphed, bf16_weights, fp8), tmp_path / str(graphed))
         _poison(trainer, {2, 5})  # skipped during the warm-up (2) and after the capture (5)
         trainer.fit(6, final_checkpoint=False)
         # What a guard rollback does: the optimizer state gets new tensors under a captured step.

@@ -318,14 +318,15 @@ def _fp8_eligible(module: nn.Module, name: str) -> bool:
 
 
 def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
-    from sfd_scale.models.fp8_delayed import Float8DelayedLinear
+    from sfd_scale.kernels.reference import fp8_swiglu_backward_cast_reference
+    from sfd_scale.models.fp8_delayed import Float8DelayedLinear, register_fold_hook
 
-    # The weights' and output gradients' casts to both FP8 layouts: our Triton cast-transpose
-    # kernel where Triton runs (one read of a gradient instead of three), else the same arithmetic
-    # in PyTorch.
+    # The weights' and output gradients' casts to both FP8 layouts: our Triton kernels where Triton
+    # runs (one read of a gradient instead of three; for w12, the SwiGLU's backward in the same
+    # pass), else the same arithmetic in PyTorch.
     kernel = fused_kernels_unavailable(device) is None
     if kernel:
-        from sfd_scale.kernels.fp8_cast import fp8_cast_transpose
+        from sfd_scale.kernels.fp8_cast import fp8_cast_transpose, fp8_swiglu_backward_cast
     chosen = [name for name, module in model.named_modules() if _fp8_eligible(module, name)]
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
@@ -333,9 +334,13 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
         layer = Float8DelayedLinear.from_linear(getattr(parent, child))
         if kernel:
             layer.cast_transpose = fp8_cast_transpose
+        if isinstance(parent, SwiGLU) and child == "w12":
+            layer.fuse_swiglu(fp8_swiglu_backward_cast if kernel else fp8_swiglu_backward_cast_reference)
+            parent.activation_in_w12 = True
         setattr(parent, child, layer)
-    log.info("FP8 (delayed scaling, ours): %d linear layers; weight and gradient casts by %s", len(chosen),
-             "the Triton cast-transpose kernel" if kernel else "PyTorch")
+    register_fold_hook(model)  # the histories and scales move on once a step, for all layers at once
+    log.info("FP8 (delayed scaling, ours): %d linear layers, each SwiGLU's activation inside its w12; weight and "
+             "gradient casts by %s", len(chosen), "the Triton kernels" if kernel else "PyTorch")
     return len(chosen)
 
 
