@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from sfd_scale.kernels import triton_interpreting
-from sfd_scale.kernels.reference import fp8_cast_transpose_reference, fp8_swiglu_backward_cast_reference
+from sfd_scale.kernels.reference import (fp8_cast_transpose_reference, fp8_swiglu_backward_cast_reference,
+                                        fp8_swiglu_cast_reference)
 
 
 def _check_amax_out(amax_out: torch.Tensor) -> None:
@@ -60,6 +61,33 @@ def fp8_cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dt
                          f"{tuple(x.shape)} and {tuple(scale.shape)}")
     _check_amax_out(amax_out)
     return _cast_transpose_op(x.contiguous(), scale.float().reshape(()), fp8_dtype, amax_out, sums_dtype)
+
+
+@torch.library.custom_op("sfd_scale::fp8_swiglu_cast", mutates_args=("amax_out",))
+def _swiglu_cast_op(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    if h.device.type == "cpu" and not triton_interpreting():
+        return fp8_swiglu_cast_reference(h, scale, fp8_dtype, amax_out)
+    from sfd_scale.kernels.fp8_cast_kernel import swiglu_cast
+
+    return swiglu_cast(h, scale, fp8_dtype, amax_out)
+
+
+@_swiglu_cast_op.register_fake
+def _(h, scale, fp8_dtype, amax_out):
+    return _outputs_like(h[:, : h.shape[1] // 2], fp8_dtype, None)[:2]
+
+
+def fp8_swiglu_cast(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8_cast_transpose` of silu(gate) * value for h (rows, 2H) = [gate, value], without column
+    sums: the SwiGLU and the cast of its output for the next FP8 matmul in one read of h, both
+    layouts written in the forward (so the backward need not recompute the activation from h for
+    the weight gradient)."""
+    if h.dim() != 2 or h.shape[1] % 2:
+        raise ValueError(f"fp8_swiglu_cast takes h (rows, 2H), got shape {tuple(h.shape)}")
+    _check_amax_out(amax_out)
+    return _swiglu_cast_op(h.contiguous(), scale.float().reshape(()), fp8_dtype, amax_out)
 
 
 @torch.library.custom_op("sfd_scale::fp8_swiglu_backward_cast", mutates_args=("amax_out",))

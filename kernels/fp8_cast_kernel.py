@@ -52,6 +52,26 @@ def _cast_transpose_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, 
 
 
 @triton.jit
+def _swiglu_cast_kernel(h_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, rows, hidden, fp8_max,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    # silu(gate) * value of h = [gate | value] in float32, cast like `_cast_transpose_kernel` casts
+    # a given matrix (the activation itself is never written in h's dtype).
+    row_block = tl.program_id(0)
+    col_block = tl.program_id(1)
+    r = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    c = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (r[:, None] < rows) & (c[None, :] < hidden)
+    gate = tl.load(h_ptr + r[:, None] * 2 * hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    value = tl.load(h_ptr + r[:, None] * 2 * hidden + hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = gate / (1.0 + tl.exp(-gate)) * value
+    y = tl.minimum(tl.maximum(a * tl.load(scale_ptr), -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + r[:, None] * hidden + c[None, :], y, mask=mask)
+    tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y, mask=mask)
+    tl.store(amax_part_ptr + row_block * tl.num_programs(1) + col_block,
+             tl.reduce(tl.reduce(tl.abs(a), 1, _max), 0, _max))
+
+
+@triton.jit
 def _swiglu_backward_cast_kernel(h_ptr, dg_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, colsum_part_ptr, rows,
                                  hidden, fp8_max, COLUMN_SUMS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                                  BLOCK_COLS: tl.constexpr):
@@ -112,6 +132,17 @@ def cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
                    lambda grid, out, out_t, amax_part, colsum_part, fp8_max: _cast_transpose_kernel[grid](
                        x, scale, out, out_t, amax_part, colsum_part, rows, cols, fp8_max,
                        COLUMN_SUMS=sums_dtype is not None, BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS))
+
+
+def swiglu_cast(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sfd_scale.kernels.fp8_cast.fp8_swiglu_cast` on a contiguous matrix, by the kernels."""
+    rows, hidden = h.shape[0], h.shape[1] // 2
+    cast, cast_t, _ = _launch(rows, hidden, hidden, fp8_dtype, amax_out, None, h.device,
+                              lambda grid, out, out_t, amax_part, colsum_part, fp8_max: _swiglu_cast_kernel[grid](
+                                  h, scale, out, out_t, amax_part, rows, hidden, fp8_max,
+                                  BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS))
+    return cast, cast_t
 
 
 def swiglu_backward_cast(h: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,

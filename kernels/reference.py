@@ -64,3 +64,11 @@ def fp8_swiglu_backward_cast_reference(h: torch.Tensor, dg: torch.Tensor, scale:
     """`fp8_cast_transpose_reference` of the SwiGLU's input gradient `swiglu_backward_reference(h,
     dg)`, taken in float32 (never rounded to h's dtype first)."""
     return fp8_cast_transpose_reference(swiglu_backward_reference(h, dg), scale, fp8_dtype, amax_out, sums_dtype)
+
+
+def fp8_swiglu_cast_reference(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8_cast_transpose_reference` of silu(gate) * value for h (rows, 2H) = [gate, value], taken
+    in float32 (never rounded to h's dtype first), without column sums."""
+    cast, cast_t, _ = fp8_cast_transpose_reference(swiglu_reference(h.float()), scale, fp8_dtype, amax_out, None)
+    return cast, cast_t

@@ -129,9 +129,9 @@ def plan_block(model_cfg: ModelConfig, batch_size: int, fp8: str = "none", bf16_
     `fp8`, bf16 weight copies (`optim.bf16_weights`) and the residual stream in `residual_precision`.
     FP8 recipes that scale from history are planned at their second step (the first scales
     dynamically and compiles apart)."""
-    from sfd_scale.kernels.fp8_cast import fp8_cast_transpose, fp8_swiglu_backward_cast
+    from sfd_scale.kernels import fp8_cast
     from sfd_scale.models import fast_paths
-    from sfd_scale.models.fp8_delayed import Float8DelayedLinear
+    from sfd_scale.models.fp8_delayed import Float8DelayedLinear, Float8DelayedSwiGLU
     from sfd_scale.models.layers import Rope2D
     from sfd_scale.models.lightningdit import LightningDiTBlock, resolve_size
     from sfd_scale.parallel.engine import attach_bf16_weights
@@ -143,10 +143,11 @@ def plan_block(model_cfg: ModelConfig, batch_size: int, fp8: str = "none", bf16_
     holder.blocks = nn.ModuleList([LightningDiTBlock(size.hidden_size, size.num_heads, model_cfg.mlp_ratio, "sdpa")])
     fast_paths.apply_fp8(holder, fp8, torch.device("cpu"))
     for layer in holder.modules():
-        if isinstance(layer, Float8DelayedLinear):  # the kernels a GPU runs (on the CPU they compute with twins)
-            layer.cast_transpose = fp8_cast_transpose
-            if layer.swiglu_backward_cast is not None:
-                layer.swiglu_backward_cast = fp8_swiglu_backward_cast
+        # The kernels a GPU runs (on the CPU they compute with their twins).
+        if isinstance(layer, Float8DelayedLinear):
+            layer.cast_transpose = fp8_cast.fp8_cast_transpose
+        if isinstance(layer, Float8DelayedSwiGLU):
+            layer.swiglu_cast, layer.swiglu_backward_cast = fp8_cast.fp8_swiglu_cast, fp8_cast.fp8_swiglu_backward_cast
     if bf16_weights:
         attach_bf16_weights(holder)
     block = holder.blocks[0]

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from dist_worker import train_on_two_ranks
 from fault_worker import assert_identical
 from fixtures import tiny_sfd_config, write_latent_folder
-from sfd_scale.kernels.reference import fp8_swiglu_backward_cast_reference, swiglu_reference
+from sfd_scale.kernels.reference import fp8_swiglu_backward_cast_reference, fp8_swiglu_cast_reference
 from sfd_scale.models.fp8_delayed import (E4M3_MAX, E5M2_MAX, HISTORY, HISTORY_BUFFERS, Float8DelayedLinear,
-                                          fold_amax_histories, is_fp8_state, register_fold_hook)
+                                          Float8DelayedSwiGLU, fold_amax_histories, is_fp8_state, register_fold_hook)
+from sfd_scale.models.layers import SwiGLU
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.parallel.dims import ParallelDims, check_config_fits
 from sfd_scale.train.trainer import Trainer
@@ -132,36 +133,40 @@ def test_a_non_finite_step_does_not_poison_the_scales():
     assert _relative(step(x), plain(x)) < 0.08       # the next step is an ordinary one
 
 
-def test_a_swiglu_w12_applies_the_activation_and_casts_its_gradient_in_the_same_pass():
-    # w12 followed by the SwiGLU, unfused (the layer, then silu(gate) * value) and fused (the
-    # layer returns the activation; its backward computes the gradient of w12's output and casts
-    # it in one pass). Same forward; the backward differs only where FP8 rounding does (the fused
-    # path casts the float32 gradient, the unfused one the gradient autograd computed).
+def test_an_fp8_swiglu_casts_its_activation_and_its_gradient_as_it_computes_them():
+    # The same two FP8 linears as a plain SwiGLU (w12, the activation, w3: the activation written,
+    # then cast by w3; its gradient written, then cast by w12) and fused (`Float8DelayedSwiGLU`).
+    # In float32 the forward is the same arithmetic; the backward differs only where FP8 rounding
+    # does (the fused one casts the float32 gradient of the activation's input).
     torch.manual_seed(0)
-    w12 = nn.Linear(64, 96)
-    unfused, fused = (Float8DelayedLinear.from_linear(copy.deepcopy(w12)) for _ in range(2))
-    fused.fuse_swiglu(fp8_swiglu_backward_cast_reference)
-    for layer in (unfused, fused):
-        register_fold_hook(layer)
+    plain = SwiGLU(64, 48)
+    unfused = copy.deepcopy(plain)
+    for mlp in (plain, unfused):
+        mlp.w12, mlp.w3 = Float8DelayedLinear.from_linear(mlp.w12), Float8DelayedLinear.from_linear(mlp.w3)
+    fused = Float8DelayedSwiGLU(plain.w12, plain.w3, fp8_swiglu_cast_reference, fp8_swiglu_backward_cast_reference)
+    for mlp in (unfused, fused):
+        register_fold_hook(mlp)
     x = torch.randn(2, 32, 64)
-    weights = torch.linspace(-1, 1, 48)
+    weights = torch.linspace(-1, 1, 64)
     for _ in range(3):  # the first step scales dynamically, the later ones from the histories
         results = []
-        for layer in (unfused, fused):
+        for mlp in (unfused, fused):
             xi = x.clone().requires_grad_()
-            layer.zero_grad()
-            out = layer(xi) if layer is fused else swiglu_reference(layer(xi))
+            mlp.zero_grad()
+            out = mlp(xi)
             (out.float() * weights).sum().backward()
-            results.append((out, xi.grad, layer.weight.grad, layer.bias.grad))
+            results.append((out, xi.grad, *(p.grad for p in mlp.parameters())))
         (out, *grads), (fused_out, *fused_grads) = results
-        assert fused_out.shape == (2, 32, 48) and torch.equal(fused_out, out)
+        assert torch.equal(fused_out, out)
         for got, want in zip(fused_grads, grads):
             assert _relative(got, want) < 0.02
-    torch.testing.assert_close(fused.fp8_grad_amax_history, unfused.fp8_grad_amax_history, rtol=1e-5, atol=0)
-    with torch.no_grad():                           # evaluation: a plain linear, then the activation
-        assert torch.equal(fused(x), swiglu_reference(F.linear(x, w12.weight, w12.bias)))
-    with pytest.raises(ValueError, match="even output width"):
-        Float8DelayedLinear.from_linear(nn.Linear(64, 95)).fuse_swiglu(fp8_swiglu_backward_cast_reference)
+    for layer in ("w12", "w3"):
+        for name in HISTORY_BUFFERS:
+            torch.testing.assert_close(getattr(getattr(fused, layer), name), getattr(getattr(unfused, layer), name),
+                                       rtol=1e-5, atol=0)
+    with torch.no_grad():                           # evaluation: the plain SwiGLU of the same weights
+        assert torch.equal(fused(x), unfused(x))
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
 
 
 def test_histories_are_checkpointed_and_optional_when_loading():
@@ -212,8 +217,9 @@ def test_delayed_fp8_training_resumes_exactly_and_exports_reference_keys(tmp_pat
     cfg = tiny_sfd_config(data_dir, model=FP8_MODEL)
     straight = Trainer(cfg, tmp_path / "straight")
     straight.fit(6)
-    layers = [m for m in straight.engine.unwrap().modules() if isinstance(m, Float8DelayedLinear)]
-    assert len(layers) == 8 and sum(m.swiglu_backward_cast is not None for m in layers) == 2  # qkv, proj, w12, w3
+    modules = list(straight.engine.unwrap().modules())
+    assert sum(isinstance(m, Float8DelayedLinear) for m in modules) == 8           # qkv, proj, w12, w3
+    assert sum(isinstance(m, Float8DelayedSwiGLU) for m in modules) == 2
     first = Trainer(cfg, tmp_path / "resumed")
     first.fit(3)
     del first

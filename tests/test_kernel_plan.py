@@ -54,11 +54,14 @@ def test_delayed_fp8_plan_fuses_each_input_cast_into_its_producer_and_casts_the_
     # The norm + modulate kernels also cast to FP8 with the delayed scale and take this step's amax:
     # the premise of delayed scaling (no pass of its own over the matmul's input).
     assert sum({"rsqrt", "amax", "clamp_max"} <= ops for ops in forward) == 2
-    # The four weights, then the four output gradients: w12's computed from the SwiGLU's output
-    # gradient by the same op that casts it.
+    # The backward no longer recomputes the SwiGLU from h (for w3's weight gradient): no generated
+    # kernel computes the activation's exp outside the gradient's own op.
+    assert not any("exp" in k["ops"] for k in plan["backward"]["kernels"] if k["kind"] == "triton")
+    # The four weights and the SwiGLU's output (computed by the op that casts it), then the four
+    # output gradients: w12's computed from the SwiGLU's output gradient by the op that casts it.
     ours = {phase: sorted(k["ops"][0].split(".")[3] for k in plan[phase]["kernels"] if k["kind"] == "ours")
             for phase in ("forward", "backward")}
-    assert ours["forward"] == ["fp8_cast_transpose"] * 4
+    assert ours["forward"] == ["fp8_cast_transpose"] * 4 + ["fp8_swiglu_cast"]
     assert ours["backward"] == ["fp8_cast_transpose"] * 3 + ["fp8_swiglu_backward_cast"]
     assert plan["backward"]["memory_bound_bytes"] == sum(
         k["bytes"] for k in plan["backward"]["kernels"] if k["kind"] in ("triton", "ours"))

@@ -224,20 +224,55 @@ def test_fp8_layer_backward_through_the_kernel_equals_the_twin():
 
 
 @needs_triton
-def test_fp8_swiglu_w12_backward_through_the_kernel_is_close_to_the_twin():
-    from sfd_scale.kernels.fp8_cast import fp8_swiglu_backward_cast
-    from sfd_scale.kernels.reference import fp8_swiglu_backward_cast_reference
-    from sfd_scale.models.fp8_delayed import Float8DelayedLinear, register_fold_hook
+def test_fp8_swiglu_through_the_kernels_is_close_to_the_twins():
+    from sfd_scale.kernels import fp8_cast, reference
+    from sfd_scale.models.fp8_delayed import Float8DelayedLinear, Float8DelayedSwiGLU, register_fold_hook
+    from sfd_scale.models.layers import SwiGLU
 
     torch.manual_seed(0)
-    plain = torch.nn.Linear(64, 96).to(DEVICE)
-    layers = [Float8DelayedLinear.from_linear(copy.deepcopy(plain)) for _ in range(2)]
-    for layer, op in zip(layers, (fp8_swiglu_backward_cast_reference, fp8_swiglu_backward_cast)):
-        layer.fuse_swiglu(op)
-        register_fold_hook(layer)
-    grads = _fp8_layer_grads(layers, torch.randn(2, 40, 64, device=DEVICE), width=48)
-    for got, want in zip(grads[1], grads[0]):  # exp's last bit may move a value by one FP8 step
-        torch.testing.assert_close(got, want, rtol=0.02, atol=1e-3)
+    plain = SwiGLU(64, 48).to(DEVICE)
+    mlps = []
+    for ops in ((reference.fp8_swiglu_cast_reference, reference.fp8_swiglu_backward_cast_reference),
+                (fp8_cast.fp8_swiglu_cast, fp8_cast.fp8_swiglu_backward_cast)):
+        twin = copy.deepcopy(plain)
+        mlp = Float8DelayedSwiGLU(Float8DelayedLinear.from_linear(twin.w12), Float8DelayedLinear.from_linear(twin.w3),
+                                  *ops)
+        register_fold_hook(mlp)
+        mlps.append(mlp)
+    x = torch.randn(2, 40, 64, device=DEVICE)
+    results = []
+    for mlp in mlps:
+        for _ in range(2):  # the first step scales dynamically, the second from the histories
+            xi = x.clone().requires_grad_()
+            mlp.zero_grad()
+            out = mlp(xi)
+            (out.float() * torch.linspace(-1, 1, 64, device=DEVICE)).sum().backward()
+        results.append((out, xi.grad, *(p.grad for p in mlp.parameters())))
+    for got, want in zip(results[1], results[0]):  # exp's last bit may move a value by one FP8 step
+        torch.testing.assert_close(got, want, rtol=0.02, atol=2e-3)
+
+
+@needs_triton
+def test_fp8_swiglu_cast_kernel():
+    from sfd_scale.kernels.fp8_cast import fp8_swiglu_cast
+    from sfd_scale.kernels.reference import fp8_swiglu_cast_reference, swiglu_reference
+
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(100, 140, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    fp8 = torch.float8_e4m3fn
+    scale = torch.tensor(torch.finfo(fp8).max / 20.0, device=DEVICE)
+    slots = torch.full((2,), -1.0, device=DEVICE)
+    got = fp8_swiglu_cast(h, scale, fp8, slots[0:1])
+    want = fp8_swiglu_cast_reference(h, scale, fp8, slots[1:2])
+    for name, k, r in zip(("cast", "transposed"), got, want):
+        assert k.dtype == fp8 and k.shape == r.shape, name
+        differ = k.view(torch.uint8) != r.view(torch.uint8)  # exp's last bit, across a rounding boundary
+        assert differ.float().mean() < 0.01, name
+        assert ((k.view(torch.uint8).int() - r.view(torch.uint8).int()).abs() <= 1).all(), name
+    assert got[0].shape == (100, 70) and torch.equal(got[1].float(), got[0].float().t())
+    torch.testing.assert_close(slots, swiglu_reference(h.float()).abs().amax().expand(2), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"h \(rows, 2H\)"):
+        fp8_swiglu_cast(h[:, :139], scale, fp8, slots[0:1])
 
 
 def _fp8_layer_grads(layers, x: torch.Tensor, width: int) -> list[tuple[torch.Tensor, ...]]:

@@ -318,29 +318,36 @@ def _fp8_eligible(module: nn.Module, name: str) -> bool:
 
 
 def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
-    from sfd_scale.kernels.reference import fp8_swiglu_backward_cast_reference
-    from sfd_scale.models.fp8_delayed import Float8DelayedLinear, register_fold_hook
+    from sfd_scale.kernels import reference
+    from sfd_scale.models.fp8_delayed import Float8DelayedLinear, Float8DelayedSwiGLU, register_fold_hook
 
-    # The weights' and output gradients' casts to both FP8 layouts: our Triton kernels where Triton
-    # runs (one read of a gradient instead of three; for w12, the SwiGLU's backward in the same
-    # pass), else the same arithmetic in PyTorch.
-    kernel = fused_kernels_unavailable(device) is None
-    if kernel:
-        from sfd_scale.kernels.fp8_cast import fp8_cast_transpose, fp8_swiglu_backward_cast
+    # The weights' and output gradients' casts to both FP8 layouts, and a SwiGLU's activation and
+    # its gradient with theirs: our Triton kernels where Triton runs (one read of a tensor instead
+    # of several), else the same arithmetic in PyTorch.
+    if fused_kernels_unavailable(device) is None:
+        from sfd_scale.kernels import fp8_cast as ops
+        cast_transpose, swiglu_ops = ops.fp8_cast_transpose, (ops.fp8_swiglu_cast, ops.fp8_swiglu_backward_cast)
+    else:
+        cast_transpose = reference.fp8_cast_transpose_reference
+        swiglu_ops = (reference.fp8_swiglu_cast_reference, reference.fp8_swiglu_backward_cast_reference)
     chosen = [name for name, module in model.named_modules() if _fp8_eligible(module, name)]
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = Float8DelayedLinear.from_linear(getattr(parent, child))
-        if kernel:
-            layer.cast_transpose = fp8_cast_transpose
-        if isinstance(parent, SwiGLU) and child == "w12":
-            layer.fuse_swiglu(fp8_swiglu_backward_cast if kernel else fp8_swiglu_backward_cast_reference)
-            parent.activation_in_w12 = True
+        layer.cast_transpose = cast_transpose
         setattr(parent, child, layer)
+    fused = 0
+    for name, module in list(model.named_modules()):
+        if (isinstance(module, SwiGLU) and isinstance(module.w12, Float8DelayedLinear)
+                and isinstance(module.w3, Float8DelayedLinear)):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, Float8DelayedSwiGLU(module.w12, module.w3, *swiglu_ops))
+            fused += 1
     register_fold_hook(model)  # the histories and scales move on once a step, for all layers at once
-    log.info("FP8 (delayed scaling, ours): %d linear layers, each SwiGLU's activation inside its w12; weight and "
-             "gradient casts by %s", len(chosen), "the Triton kernels" if kernel else "PyTorch")
+    log.info("FP8 (delayed scaling, ours): %d linear layers, %d SwiGLUs fused with their casts; casts by %s",
+             len(chosen), fused, "the Triton kernels" if cast_transpose is not reference.fp8_cast_transpose_reference
+             else "PyTorch")
     return len(chosen)
 
 

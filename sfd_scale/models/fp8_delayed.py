@@ -5,7 +5,7 @@ Why: torchao's dynamic recipes must know a tensor's amax before they can cast it
 a second pass over the tensor (rowwise cost 46 ms a step on an H100, more than FP8 saved on the
 matmuls; docs/benchmarks.md). With the scale known in advance the cast is a pointwise operation on
 the producer's output, which torch.compile fuses into the kernel that produces it (the norm and
-modulate, the SwiGLU); this step's amax is a reduction beside it, recorded for the next steps.
+modulate); this step's amax is a reduction beside it, recorded for the next steps.
 
 The recipe, as Transformer Engine's default one:
 - inputs and weights in e4m3 scaled by 448 / max(their amax history); output gradients in e5m2
@@ -19,6 +19,10 @@ The recipe, as Transformer Engine's default one:
   histories are training state, in the checkpoints, so a resumed run scales exactly as an
   uninterrupted one.
 Without gradients (evaluation, the EMA's previews) the layer is a plain linear.
+
+A SwiGLU whose two linears are FP8 trains as one function (`Float8DelayedSwiGLU`): our kernels
+compute its activation and cast it for w3 in both layouts, and compute its gradient and cast it for
+w12, so neither is written in bf16 nor recomputed (docs/benchmarks.md).
 
 The bookkeeping is per step, not per layer: a layer only writes this step's amaxes into slot 0 of
 its histories, from the kernels that compute them (the producer's for an input, our cast kernel's
@@ -37,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sfd_scale.kernels.reference import fp8_cast_transpose_reference, swiglu_backward_reference, swiglu_reference
+from sfd_scale.models.layers import SwiGLU, silu_gate
 
 HISTORY = 16
 """Steps of amax history a delayed scale looks back over (torchao's former default). A history
@@ -52,6 +57,10 @@ CastTranspose = Callable[[torch.Tensor, torch.Tensor, torch.dtype, torch.Tensor,
 transposed, its column sums), its amax written into the slot: `fp8_cast_transpose_reference` or
 our Triton kernels' op `sfd_scale.kernels.fp8_cast.fp8_cast_transpose`. Casts the weights and the
 output gradients."""
+SwiGLUCast = Callable[[torch.Tensor, torch.Tensor, torch.dtype, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(h, scale, FP8 dtype, amax slot) -> (silu(gate) * value of h = [gate, value] in FP8, the same
+transposed), its amax written into the slot: `fp8_swiglu_cast_reference` or the op
+`sfd_scale.kernels.fp8_cast.fp8_swiglu_cast`."""
 SwiGLUBackwardCast = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype, torch.Tensor,
                                "torch.dtype | None"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """(h, the SwiGLU output's gradient, scale, FP8 dtype, amax slot, column sums' dtype or None) -> like
@@ -138,6 +147,11 @@ def register_fold_hook(root: nn.Module) -> int:
     return len(layers)
 
 
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    """What F.linear would return for `x`: the autocast dtype under autocast, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def _scale(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
     return fp8_max / amax.float().clamp(min=_AMAX_FLOOR)
 
@@ -161,69 +175,151 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
+def _cast_input(x2d: torch.Tensor, input_history: torch.Tensor, scales: torch.Tensor, dynamic: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in e4m3, the inverse of its scale); records x's amax. Pointwise, so inductor fuses it into
+    the kernel that produces x."""
+    x_amax = x2d.detach().abs().amax()
+    if dynamic:  # the first step: no history yet, the tensor is scaled by its own amax
+        x_scale = _scale(x_amax, E4M3_MAX)
+        x_inverse = x_scale.reciprocal()
+    else:  # this step's scales, set by `fold_amax_histories`: no kernel of their own. One-element
+        # slices, not 0-d ones: inductor's FP8 matmul lowering fails on a 0-d view at an offset.
+        x_scale, x_inverse = scales[0, 0:1], scales[1, 0:1]
+    x8 = _cast(x2d, x_scale, torch.float8_e4m3fn, E4M3_MAX)
+    _record(input_history, x_amax)
+    return x8, x_inverse
+
+
+def _matmul_forward(x8: torch.Tensor, x_inverse: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    weight_history: torch.Tensor, scales: torch.Tensor, dynamic: bool, out_dtype: torch.dtype,
+                    cast_transpose: CastTranspose) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x8 @ weight^T + bias in `out_dtype`, the FP8 weight stored column by column for the input
+    gradient's matmul, the inverse of its scale)."""
+    if dynamic:
+        w_scale = _scale(weight.abs().amax(), E4M3_MAX)
+        w_inverse = w_scale.reciprocal()
+    else:
+        w_scale, w_inverse = scales[0, 1:2], scales[1, 1:2]
+    # The weight in both layouts from one read: w8 for this matmul, w8_t (w8 transposed) kept for
+    # the input gradient's, so the backward does not cast the weight again.
+    w8, w8_t, _ = cast_transpose(weight, w_scale, torch.float8_e4m3fn, weight_history[:1], None)
+    # The bias rides in the matmul's epilogue where the FP8 matmul takes one (a bf16/fp16 output):
+    # an add after it would be one more pass over the output.
+    fused_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
+    y = torch._scaled_mm(x8, w8.t(), scale_a=x_inverse, scale_b=w_inverse,
+                         bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype, use_fast_accum=True)
+    if bias is not None and not fused_bias:
+        y = y + bias.to(out_dtype)
+    return y, w8_t.t(), w_inverse
+
+
+def _grad_scale(dy: torch.Tensor | None, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, inverse) of an output gradient: from `dy`'s own amax on the first step (`dy` given),
+    else this step's."""
+    if dy is not None:
+        g_scale = _scale(dy.abs().amax(), E5M2_MAX)
+        return g_scale, g_scale.reciprocal()
+    return scales[0, 2:3], scales[1, 2:3]
+
+
+def _matmul_backward(g8: torch.Tensor, g8_columns: torch.Tensor, g_inverse: torch.Tensor, w8_columns: torch.Tensor,
+                     w_inverse: torch.Tensor, x_columns: torch.Tensor, x_inverse: torch.Tensor,
+                     input_dtype: torch.dtype, weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dW) of y = x W^T from the output gradient in FP8 row by row (`g8`) and column by column
+    (`g8_columns`, transposed), the weight and the input stored column by column."""
+    dx = torch._scaled_mm(g8, w8_columns, scale_a=g_inverse, scale_b=w_inverse, out_dtype=input_dtype)
+    dw = torch._scaled_mm(g8_columns, x_columns, scale_a=g_inverse, scale_b=x_inverse, out_dtype=weight_dtype)
+    return dx, dw
+
+
 class _DelayedFloat8Matmul(torch.autograd.Function):
     """y = x2d @ weight^T + bias in FP8 (see the module docstring); histories updated in place."""
 
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 histories: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scales: torch.Tensor, dynamic: bool,
-                out_dtype: torch.dtype, cast_transpose: CastTranspose,
-                swiglu_backward_cast: SwiGLUBackwardCast | None) -> torch.Tensor:
+                out_dtype: torch.dtype, cast_transpose: CastTranspose) -> torch.Tensor:
         input_history, weight_history, grad_history = histories
-        x_amax = x2d.detach().abs().amax()
-        if dynamic:  # the first step: no history yet, each tensor is scaled by its own amax
-            x_scale, w_scale = _scale(x_amax, E4M3_MAX), _scale(weight.abs().amax(), E4M3_MAX)
-            x_inverse, w_inverse = x_scale.reciprocal(), w_scale.reciprocal()
-        else:  # this step's scales, set by `fold_amax_histories`: no kernel of their own. One-element
-            # slices, not 0-d ones: inductor's FP8 matmul lowering fails on a 0-d view at an offset.
-            x_scale, w_scale, x_inverse, w_inverse = scales[0, 0:1], scales[0, 1:2], scales[1, 0:1], scales[1, 1:2]
-        x8 = _cast(x2d, x_scale, torch.float8_e4m3fn, E4M3_MAX)
-        _record(input_history, x_amax)
-        # The weight in both layouts from one read: w8 for this matmul, w8_t (w8 transposed) kept
-        # for the input gradient's, so the backward does not cast the weight again.
-        w8, w8_t, _ = cast_transpose(weight, w_scale, torch.float8_e4m3fn, weight_history[:1], None)
-        # The bias rides in the matmul's epilogue where the FP8 matmul takes one (a bf16/fp16
-        # output): an add after it would be one more pass over the output.
-        fused_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
-        y = torch._scaled_mm(x8, w8.t(), scale_a=x_inverse, scale_b=w_inverse,
-                             bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype,
-                             use_fast_accum=True)
-        if bias is not None and not fused_bias:
-            y = y + bias.to(out_dtype)
-        saved = [x8, w8_t.t(), x_inverse, w_inverse, grad_history, scales]  # w8 column by column
-        ctx.dynamic, ctx.cast_transpose, ctx.swiglu_backward_cast = dynamic, cast_transpose, swiglu_backward_cast
+        x8, x_inverse = _cast_input(x2d, input_history, scales, dynamic)
+        y, w8_columns, w_inverse = _matmul_forward(x8, x_inverse, weight, bias, weight_history, scales, dynamic,
+                                                   out_dtype, cast_transpose)
+        ctx.save_for_backward(x8, w8_columns, x_inverse, w_inverse, grad_history, scales)
+        ctx.dynamic, ctx.cast_transpose = dynamic, cast_transpose
         ctx.input_dtype, ctx.weight_dtype = x2d.dtype, weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        if swiglu_backward_cast is not None:  # w12: its output goes through the SwiGLU right here
-            saved.append(y)
-            y = swiglu_reference(y)
-        ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x8, w8_columns, x_inverse, w_inverse, grad_history, scales, *swiglu_input = ctx.saved_tensors
+    def backward(ctx, dy: torch.Tensor):
+        x8, w8_columns, x_inverse, w_inverse, grad_history, scales = ctx.saved_tensors
+        dy = dy.contiguous()
+        g_scale, g_inverse = _grad_scale(dy if ctx.dynamic else None, scales)
         # dy in FP8 row by row (input gradient) and column by column (weight gradient), its amax
         # (into the history's slot) and its column sums (the bias gradient), from one read of dy
-        # where the kernel runs. For w12, dy is the SwiGLU's input gradient: computed from its
-        # output gradient `grad` in the same pass, and never written in bf16.
-        slot, e5m2 = grad_history[:1], torch.float8_e5m2
-        if ctx.dynamic:  # the first step: the scale needs this gradient's own amax first
-            dy = grad.contiguous() if not swiglu_input else swiglu_backward_reference(swiglu_input[0], grad)
-            g_scale = _scale(dy.abs().amax(), E5M2_MAX)
-            g_inverse = g_scale.reciprocal()
-            g8, g8_columns, db = ctx.cast_transpose(dy, g_scale, e5m2, slot, ctx.bias_dtype)
+        # where the kernel runs.
+        g8, g8_columns, db = ctx.cast_transpose(dy, g_scale, torch.float8_e5m2, grad_history[:1], ctx.bias_dtype)
+        dx, dw = _matmul_backward(g8, g8_columns, g_inverse, w8_columns, w_inverse, _column_major(x8), x_inverse,
+                                  ctx.input_dtype, ctx.weight_dtype)
+        return dx, dw, db if ctx.bias_dtype is not None else None, None, None, None, None, None
+
+
+class _DelayedFloat8SwiGLU(torch.autograd.Function):
+    """w3(silu(gate) * value of w12(x)) with both linears in FP8 (`Float8DelayedSwiGLU`): the
+    activation is computed and cast for w3 in both layouts by one op in the forward, and its
+    gradient computed and cast for w12 by one op in the backward. Each linear's histories and
+    scales as `_DelayedFloat8Matmul` takes them."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, w12: torch.Tensor, b12: torch.Tensor | None, w3: torch.Tensor,
+                b3: torch.Tensor | None, histories12: tuple[torch.Tensor, ...], histories3: tuple[torch.Tensor, ...],
+                scales12: torch.Tensor, scales3: torch.Tensor, dynamic: bool, out_dtype: torch.dtype,
+                ops: tuple[CastTranspose, SwiGLUCast, SwiGLUBackwardCast]) -> torch.Tensor:
+        cast_transpose, swiglu_cast, _ = ops
+        x8, x_inverse = _cast_input(x2d, histories12[0], scales12, dynamic)
+        h, w12_columns, w12_inverse = _matmul_forward(x8, x_inverse, w12, b12, histories12[1], scales12, dynamic,
+                                                      out_dtype, cast_transpose)
+        if dynamic:  # the activation's scale needs its own amax first: computed, then cast
+            a = swiglu_reference(h.float())
+            a_scale = _scale(a.abs().amax(), E4M3_MAX)
+            a8, a8_t, _ = cast_transpose(a, a_scale, torch.float8_e4m3fn, histories3[0][:1], None)
+            a_inverse = a_scale.reciprocal()
         else:
-            g_scale, g_inverse = scales[0, 2:3], scales[1, 2:3]
-            if swiglu_input:
-                g8, g8_columns, db = ctx.swiglu_backward_cast(swiglu_input[0], grad.contiguous(), g_scale, e5m2, slot,
-                                                              ctx.bias_dtype)
-            else:
-                g8, g8_columns, db = ctx.cast_transpose(grad.contiguous(), g_scale, e5m2, slot, ctx.bias_dtype)
-        dx = torch._scaled_mm(g8, w8_columns, scale_a=g_inverse, scale_b=w_inverse, out_dtype=ctx.input_dtype)
-        dw = torch._scaled_mm(g8_columns, _column_major(x8), scale_a=g_inverse, scale_b=x_inverse,
-                              out_dtype=ctx.weight_dtype)
-        return dx, dw, db if ctx.bias_dtype is not None else None, None, None, None, None, None, None
+            a8, a8_t = swiglu_cast(h, scales3[0, 0:1], torch.float8_e4m3fn, histories3[0][:1])
+            a_inverse = scales3[1, 0:1]
+        y, w3_columns, w3_inverse = _matmul_forward(a8, a_inverse, w3, b3, histories3[1], scales3, dynamic, out_dtype,
+                                                    cast_transpose)
+        ctx.save_for_backward(x8, w12_columns, x_inverse, w12_inverse, h, a8_t.t(), a_inverse, w3_columns, w3_inverse,
+                              histories12[2], histories3[2], scales12, scales3)
+        ctx.dynamic, ctx.ops = dynamic, ops
+        ctx.dtypes = (x2d.dtype, w12.dtype, w3.dtype, h.dtype)
+        ctx.bias_dtypes = tuple(b.dtype if b is not None else None for b in (b12, b3))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (x8, w12_columns, x_inverse, w12_inverse, h, a_columns, a_inverse, w3_columns, w3_inverse, grad_history12,
+         grad_history3, scales12, scales3) = ctx.saved_tensors
+        input_dtype, w12_dtype, w3_dtype, h_dtype = ctx.dtypes
+        bias12_dtype, bias3_dtype = ctx.bias_dtypes
+        cast_transpose, _, swiglu_backward_cast = ctx.ops
+        e5m2 = torch.float8_e5m2
+        dy = dy.contiguous()
+        g_scale, g_inverse = _grad_scale(dy if ctx.dynamic else None, scales3)
+        g8, g8_columns, db3 = cast_transpose(dy, g_scale, e5m2, grad_history3[:1], bias3_dtype)
+        da, dw3 = _matmul_backward(g8, g8_columns, g_inverse, w3_columns, w3_inverse, a_columns, a_inverse, h_dtype,
+                                   w3_dtype)
+        if ctx.dynamic:
+            dh = swiglu_backward_reference(h, da)
+            h_scale, h_inverse = _grad_scale(dh, scales12)
+            dh8, dh8_columns, db12 = cast_transpose(dh, h_scale, e5m2, grad_history12[:1], bias12_dtype)
+        else:
+            h_scale, h_inverse = _grad_scale(None, scales12)
+            dh8, dh8_columns, db12 = swiglu_backward_cast(h, da, h_scale, e5m2, grad_history12[:1], bias12_dtype)
+        dx, dw12 = _matmul_backward(dh8, dh8_columns, h_inverse, w12_columns, w12_inverse, _column_major(x8),
+                                    x_inverse, input_dtype, w12_dtype)
+        return (dx, dw12, db12 if bias12_dtype is not None else None, dw3, db3 if bias3_dtype is not None else None,
+                None, None, None, None, None, None, None)
 
 
 class Float8DelayedLinear(nn.Linear):
@@ -245,9 +341,6 @@ class Float8DelayedLinear(nn.Linear):
         """How the weight and the output gradient are cast to both FP8 layouts: our Triton kernel
         where it can run (`sfd_scale.models.fast_paths`, which logs the choice). A plain attribute,
         not state."""
-        self.swiglu_backward_cast: SwiGLUBackwardCast | None = None
-        """Set on a SwiGLU's w12 (`fuse_swiglu`): the layer then returns silu(gate) * value of its
-        output, and casts the output gradient in the same pass that computes it from the SwiGLU's."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Float8DelayedLinear:
@@ -262,27 +355,15 @@ class Float8DelayedLinear(nn.Linear):
         layer.fp8_scales = torch.ones(2, len(HISTORY_BUFFERS), device=device)
         return layer
 
-    def fuse_swiglu(self, swiglu_backward_cast: SwiGLUBackwardCast) -> None:
-        """Make this layer a SwiGLU's w12 followed by the activation (its output is then half as
-        wide); the owning SwiGLU must skip its own activation (`SwiGLU.activation_in_w12`)."""
-        if self.out_features % 2:
-            raise ValueError(f"a SwiGLU's w12 has an even output width, got {self.out_features}")
-        self.swiglu_backward_cast = swiglu_backward_cast
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // x.shape[-1]
         if not torch.is_grad_enabled() or tokens % 16:
-            y = F.linear(x, self.weight, self.bias)
-            return y if self.swiglu_backward_cast is None else swiglu_reference(y)
+            return F.linear(x, self.weight, self.bias)
         dynamic, self.fp8_ready = not self.fp8_ready, True
-        autocast = torch.is_autocast_enabled(x.device.type)
-        # What F.linear would return: the autocast dtype under autocast, else the input's.
-        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         histories = tuple(getattr(self, name) for name in HISTORY_BUFFERS)
         y = _DelayedFloat8Matmul.apply(x.reshape(tokens, x.shape[-1]), self.weight, self.bias, histories,
-                                       self.fp8_scales, dynamic, out_dtype, self.cast_transpose,
-                                       self.swiglu_backward_cast)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+                                       self.fp8_scales, dynamic, _output_dtype(x), self.cast_transpose)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -301,3 +382,33 @@ class Float8DelayedLinear(nn.Linear):
             for key in histories:
                 if key in missing_keys:
                     missing_keys.remove(key)
+
+
+class Float8DelayedSwiGLU(SwiGLU):
+    """A SwiGLU whose w12 and w3 are `Float8DelayedLinear`s (same parameters, buffers and keys),
+    trained as one FP8 function (`_DelayedFloat8SwiGLU`): the activation is cast for w3 in both
+    layouts as it is computed, so the backward need not recompute it from h for w3's weight
+    gradient, and its gradient is cast for w12 as it is computed, never written in bf16. Without
+    gradients, or off the FP8 matmuls' shapes, it is the plain SwiGLU of its two layers."""
+
+    def __init__(self, w12: Float8DelayedLinear, w3: Float8DelayedLinear, swiglu_cast: SwiGLUCast,
+                 swiglu_backward_cast: SwiGLUBackwardCast) -> None:
+        nn.Module.__init__(self)
+        self.w12, self.w3 = w12, w3
+        self.activation = silu_gate
+        self.swiglu_cast, self.swiglu_backward_cast = swiglu_cast, swiglu_backward_cast
+        """The activation's ops: our Triton kernels where they run, else their PyTorch twins."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // x.shape[-1]
+        if not torch.is_grad_enabled() or tokens % 16:
+            return super().forward(x)
+        w12, w3 = self.w12, self.w3
+        dynamic = not (w12.fp8_ready and w3.fp8_ready)
+        w12.fp8_ready = w3.fp8_ready = True
+        y = _DelayedFloat8SwiGLU.apply(x.reshape(tokens, x.shape[-1]), w12.weight, w12.bias, w3.weight, w3.bias,
+                                       tuple(getattr(w12, name) for name in HISTORY_BUFFERS),
+                                       tuple(getattr(w3, name) for name in HISTORY_BUFFERS), w12.fp8_scales,
+                                       w3.fp8_scales, dynamic, _output_dtype(x),
+                                       (w12.cast_transpose, self.swiglu_cast, self.swiglu_backward_cast))
+        return y.reshape(*x.shape[:-1], w3.out_features)

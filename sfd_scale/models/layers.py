@@ -195,13 +195,9 @@ class SwiGLU(nn.Module):
         self.w3 = linears.row(hidden, dim)
         # Slot for a fused kernel (sfd_scale.models.fast_paths); a plain attribute, not state.
         self.activation: Callable[[torch.Tensor], torch.Tensor] = silu_gate
-        self.activation_in_w12 = False
-        """Set when w12 applies the activation itself (delayed FP8: its backward is fused with the
-        cast of the gradient, models/fp8_delayed.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w12(x)
-        return self.w3(h if self.activation_in_w12 else self.activation(h))
+        return self.w3(self.activation(self.w12(x)))
 
 
 class TimestepEmbedder(nn.Module):
