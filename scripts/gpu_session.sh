@@ -101,9 +101,10 @@ run_named() {
     kernel_tests) step kernel_and_async_tests 90 $PY -m pytest -q -p no:cacheprovider -m "not distributed" \
       tests/test_kernels.py tests/test_adamw_ema.py tests/test_async_metrics.py tests/test_bf16_weights.py \
       tests/test_fast_paths.py tests/test_step_graph.py ;;
-    graph_tests) step step_graph_and_fp8_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_step_graph.py \
+    graph_tests) step step_graph_and_fp8_tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_step_graph.py \
       tests/test_adamw_ema.py tests/test_fp8_delayed.py tests/test_kernels.py ;;
-    graph_delayed) step step_graph_bf16_weights_fp8_delayed 130 $PY "${GRAPH[@]}" --fp8 delayed \
+    # Delayed FP8 compiles the blocks twice (its first step scales dynamically): a longer limit.
+    graph_delayed) step step_graph_bf16_weights_fp8_delayed 170 $PY "${GRAPH[@]}" --fp8 delayed \
       --json "$OUT/xxl_graph_fp8_delayed.json" ;;
     graph) step step_graph_bf16_weights 120 $PY "${GRAPH[@]}" --json "$OUT/xxl_graph.json" ;;
     graph_residual) step step_graph_bf16_weights_bf16_residual 110 $PY "${GRAPH[@]}" --residual bf16 \

@@ -311,6 +311,35 @@ def test_fp8_cast_transpose_writes_both_layouts_in_128_bit_stores(monkeypatch):
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="PTX inspection is the CPU machines' check; a GPU runs the kernel")
+@pytest.mark.parametrize("kernel", ["_swiglu_cast_kernel", "_swiglu_backward_cast_kernel"])
+def test_fp8_swiglu_kernels_compile_for_hopper_with_wide_accesses(monkeypatch, kernel):
+    # As launched on aligned bf16 h (and output gradient): h's gate and value halves and the FP8
+    # tiles move in 128-bit accesses, rounded by the hardware's saturating conversion.
+    from fixtures import hopper_ptx
+    from sfd_scale.kernels import fp8_cast_kernel
+
+    inputs = {"h_ptr": "*bf16"} if kernel == "_swiglu_cast_kernel" else {"h_ptr": "*bf16", "dg_ptr": "*bf16"}
+    partials = {"amax_part_ptr": "*fp32"} if kernel == "_swiglu_cast_kernel" else {"amax_part_ptr": "*fp32",
+                                                                                    "colsum_part_ptr": "*fp32"}
+    signature = {**inputs, "scale_ptr": "*fp32", "out_ptr": "*fp8e5", "out_t_ptr": "*fp8e5", **partials,
+                 "rows": "i32", "hidden": "i32", "fp8_max": "fp32", "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr"}
+    constexprs = {"BLOCK_ROWS": fp8_cast_kernel._BLOCK_ROWS, "BLOCK_COLS": fp8_cast_kernel._BLOCK_COLS}
+    helpers = ("_max",)
+    if kernel == "_swiglu_backward_cast_kernel":
+        signature = {**{k: v for k, v in signature.items() if not k.startswith("BLOCK")}, "COLUMN_SUMS": "constexpr",
+                     "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr"}
+        constexprs["COLUMN_SUMS"] = True
+        helpers = ("_add", "_max")
+    pointers_and_sizes = [i for i, (name, kind) in enumerate(signature.items())
+                          if kind.startswith("*") and name != "scale_ptr" or name in ("rows", "hidden")]
+    ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, kernel, signature, constexprs,
+                     attrs={(i,): [["tt.divisibility", 16]] for i in pointers_and_sizes}, helpers=helpers)
+    assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    assert "cvt.rn.satfinite.e5m2x2.f32" in ptx and "st.global.b8" not in ptx
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="PTX inspection is the CPU machines' check; a GPU runs the kernel")
 def test_fp8_cast_finish_kernel_compiles_for_hopper_and_writes_bf16_sums(monkeypatch):
     # The interpreter runs the partials' reduction; this compiles it as a GPU would (its loops
     # over a runtime count, the NaN-propagating max, the infinity test) and checks the sums leave
