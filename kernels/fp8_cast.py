@@ -20,6 +20,11 @@ from sfd_scale.kernels.reference import (fp8_cast_transpose_reference, fp8_swigl
                                         fp8_swiglu_cast_reference)
 
 
+def _twin_runs(t: torch.Tensor) -> bool:
+    """Whether the ops compute with their PyTorch twins: on the CPU, outside Triton's interpreter."""
+    return t.device.type == "cpu" and not triton_interpreting()
+
+
 def _check_amax_out(amax_out: torch.Tensor) -> None:
     if amax_out.numel() != 1 or amax_out.dtype != torch.float32:
         raise ValueError(f"an FP8 cast writes its amax into a one-element float32 tensor, got "
@@ -29,7 +34,7 @@ def _check_amax_out(amax_out: torch.Tensor) -> None:
 @torch.library.custom_op("sfd_scale::fp8_cast_transpose", mutates_args=("amax_out",))
 def _cast_transpose_op(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
                        sums_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x.device.type == "cpu" and not triton_interpreting():
+    if _twin_runs(x):
         return fp8_cast_transpose_reference(x, scale, fp8_dtype, amax_out, sums_dtype)
     from sfd_scale.kernels.fp8_cast_kernel import cast_transpose
 
@@ -66,7 +71,7 @@ def fp8_cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dt
 @torch.library.custom_op("sfd_scale::fp8_swiglu_cast", mutates_args=("amax_out",))
 def _swiglu_cast_op(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    if h.device.type == "cpu" and not triton_interpreting():
+    if _twin_runs(h):
         return fp8_swiglu_cast_reference(h, scale, fp8_dtype, amax_out)
     from sfd_scale.kernels.fp8_cast_kernel import swiglu_cast
 
@@ -94,7 +99,7 @@ def fp8_swiglu_cast(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype
 def _swiglu_backward_cast_op(h: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
                              amax_out: torch.Tensor, sums_dtype: torch.dtype | None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if h.device.type == "cpu" and not triton_interpreting():
+    if _twin_runs(h):
         return fp8_swiglu_backward_cast_reference(h, dg, scale, fp8_dtype, amax_out, sums_dtype)
     from sfd_scale.kernels.fp8_cast_kernel import swiglu_backward_cast
 

@@ -324,7 +324,8 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
     # The weights' and output gradients' casts to both FP8 layouts, and a SwiGLU's activation and
     # its gradient with theirs: our Triton kernels where Triton runs (one read of a tensor instead
     # of several), else the same arithmetic in PyTorch.
-    if fused_kernels_unavailable(device) is None:
+    kernels = fused_kernels_unavailable(device) is None
+    if kernels:
         from sfd_scale.kernels import fp8_cast as ops
         cast_transpose, swiglu_ops = ops.fp8_cast_transpose, (ops.fp8_swiglu_cast, ops.fp8_swiglu_backward_cast)
     else:
@@ -346,8 +347,7 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
             fused += 1
     register_fold_hook(model)  # the histories and scales move on once a step, for all layers at once
     log.info("FP8 (delayed scaling, ours): %d linear layers, %d SwiGLUs fused with their casts; casts by %s",
-             len(chosen), fused, "the Triton kernels" if cast_transpose is not reference.fp8_cast_transpose_reference
-             else "PyTorch")
+             len(chosen), fused, "the Triton kernels" if kernels else "PyTorch")
     return len(chosen)
 
 

@@ -175,17 +175,24 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
+def _scales(amax: torch.Tensor | None, fp8_max: float, scales: torch.Tensor, index: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, inverse) of a tensor: from its own `amax` on a layer's first step (no history yet),
+    else this step's, column `index` of the layer's `fp8_scales` (set by `fold_amax_histories`: no
+    kernel of their own). One-element slices, not 0-d ones: inductor's FP8 matmul lowering fails on
+    a 0-d view at an offset."""
+    if amax is not None:
+        scale = _scale(amax, fp8_max)
+        return scale, scale.reciprocal()
+    return scales[0, index:index + 1], scales[1, index:index + 1]
+
+
 def _cast_input(x2d: torch.Tensor, input_history: torch.Tensor, scales: torch.Tensor, dynamic: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x in e4m3, the inverse of its scale); records x's amax. Pointwise, so inductor fuses it into
     the kernel that produces x."""
     x_amax = x2d.detach().abs().amax()
-    if dynamic:  # the first step: no history yet, the tensor is scaled by its own amax
-        x_scale = _scale(x_amax, E4M3_MAX)
-        x_inverse = x_scale.reciprocal()
-    else:  # this step's scales, set by `fold_amax_histories`: no kernel of their own. One-element
-        # slices, not 0-d ones: inductor's FP8 matmul lowering fails on a 0-d view at an offset.
-        x_scale, x_inverse = scales[0, 0:1], scales[1, 0:1]
+    x_scale, x_inverse = _scales(x_amax if dynamic else None, E4M3_MAX, scales, 0)
     x8 = _cast(x2d, x_scale, torch.float8_e4m3fn, E4M3_MAX)
     _record(input_history, x_amax)
     return x8, x_inverse
@@ -196,11 +203,7 @@ def _matmul_forward(x8: torch.Tensor, x_inverse: torch.Tensor, weight: torch.Ten
                     cast_transpose: CastTranspose) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x8 @ weight^T + bias in `out_dtype`, the FP8 weight stored column by column for the input
     gradient's matmul, the inverse of its scale)."""
-    if dynamic:
-        w_scale = _scale(weight.abs().amax(), E4M3_MAX)
-        w_inverse = w_scale.reciprocal()
-    else:
-        w_scale, w_inverse = scales[0, 1:2], scales[1, 1:2]
+    w_scale, w_inverse = _scales(weight.abs().amax() if dynamic else None, E4M3_MAX, scales, 1)
     # The weight in both layouts from one read: w8 for this matmul, w8_t (w8 transposed) kept for
     # the input gradient's, so the backward does not cast the weight again.
     w8, w8_t, _ = cast_transpose(weight, w_scale, torch.float8_e4m3fn, weight_history[:1], None)
@@ -212,15 +215,6 @@ def _matmul_forward(x8: torch.Tensor, x_inverse: torch.Tensor, weight: torch.Ten
     if bias is not None and not fused_bias:
         y = y + bias.to(out_dtype)
     return y, w8_t.t(), w_inverse
-
-
-def _grad_scale(dy: torch.Tensor | None, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, inverse) of an output gradient: from `dy`'s own amax on the first step (`dy` given),
-    else this step's."""
-    if dy is not None:
-        g_scale = _scale(dy.abs().amax(), E5M2_MAX)
-        return g_scale, g_scale.reciprocal()
-    return scales[0, 2:3], scales[1, 2:3]
 
 
 def _matmul_backward(g8: torch.Tensor, g8_columns: torch.Tensor, g_inverse: torch.Tensor, w8_columns: torch.Tensor,
@@ -254,7 +248,7 @@ class _DelayedFloat8Matmul(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x8, w8_columns, x_inverse, w_inverse, grad_history, scales = ctx.saved_tensors
         dy = dy.contiguous()
-        g_scale, g_inverse = _grad_scale(dy if ctx.dynamic else None, scales)
+        g_scale, g_inverse = _scales(dy.abs().amax() if ctx.dynamic else None, E5M2_MAX, scales, 2)
         # dy in FP8 row by row (input gradient) and column by column (weight gradient), its amax
         # (into the history's slot) and its column sums (the bias gradient), from one read of dy
         # where the kernel runs.
@@ -281,12 +275,11 @@ class _DelayedFloat8SwiGLU(torch.autograd.Function):
                                                       out_dtype, cast_transpose)
         if dynamic:  # the activation's scale needs its own amax first: computed, then cast
             a = swiglu_reference(h.float())
-            a_scale = _scale(a.abs().amax(), E4M3_MAX)
+            a_scale, a_inverse = _scales(a.abs().amax(), E4M3_MAX, scales3, 0)
             a8, a8_t, _ = cast_transpose(a, a_scale, torch.float8_e4m3fn, histories3[0][:1], None)
-            a_inverse = a_scale.reciprocal()
         else:
-            a8, a8_t = swiglu_cast(h, scales3[0, 0:1], torch.float8_e4m3fn, histories3[0][:1])
-            a_inverse = scales3[1, 0:1]
+            a_scale, a_inverse = _scales(None, E4M3_MAX, scales3, 0)
+            a8, a8_t = swiglu_cast(h, a_scale, torch.float8_e4m3fn, histories3[0][:1])
         y, w3_columns, w3_inverse = _matmul_forward(a8, a_inverse, w3, b3, histories3[1], scales3, dynamic, out_dtype,
                                                     cast_transpose)
         ctx.save_for_backward(x8, w12_columns, x_inverse, w12_inverse, h, a8_t.t(), a_inverse, w3_columns, w3_inverse,
@@ -305,16 +298,16 @@ class _DelayedFloat8SwiGLU(torch.autograd.Function):
         cast_transpose, _, swiglu_backward_cast = ctx.ops
         e5m2 = torch.float8_e5m2
         dy = dy.contiguous()
-        g_scale, g_inverse = _grad_scale(dy if ctx.dynamic else None, scales3)
+        g_scale, g_inverse = _scales(dy.abs().amax() if ctx.dynamic else None, E5M2_MAX, scales3, 2)
         g8, g8_columns, db3 = cast_transpose(dy, g_scale, e5m2, grad_history3[:1], bias3_dtype)
         da, dw3 = _matmul_backward(g8, g8_columns, g_inverse, w3_columns, w3_inverse, a_columns, a_inverse, h_dtype,
                                    w3_dtype)
         if ctx.dynamic:
             dh = swiglu_backward_reference(h, da)
-            h_scale, h_inverse = _grad_scale(dh, scales12)
+            h_scale, h_inverse = _scales(dh.abs().amax(), E5M2_MAX, scales12, 2)
             dh8, dh8_columns, db12 = cast_transpose(dh, h_scale, e5m2, grad_history12[:1], bias12_dtype)
         else:
-            h_scale, h_inverse = _grad_scale(None, scales12)
+            h_scale, h_inverse = _scales(None, E5M2_MAX, scales12, 2)
             dh8, dh8_columns, db12 = swiglu_backward_cast(h, da, h_scale, e5m2, grad_history12[:1], bias12_dtype)
         dx, dw12 = _matmul_backward(dh8, dh8_columns, h_inverse, w12_columns, w12_inverse, _column_major(x8),
                                     x_inverse, input_dtype, w12_dtype)
