@@ -12,12 +12,13 @@ from dist_worker import train_on_two_ranks
 from fault_worker import assert_identical
 from fixtures import tiny_sfd_config, write_latent_folder
 from sfd_scale.kernels.reference import fp8_swiglu_backward_cast_reference, fp8_swiglu_cast_reference
-from sfd_scale.models.fp8_delayed import (E4M3_MAX, E5M2_MAX, HISTORY, HISTORY_BUFFERS, Float8DelayedLinear,
+from sfd_scale.models.fp8_delayed import (E4M3_MAX, E5M2_MAX, HISTORY, HISTORY_BUFFERS, SCALE_SLOT, Float8DelayedLinear,
                                           Float8DelayedSwiGLU, fold_amax_histories, is_fp8_state, register_fold_hook)
 from sfd_scale.models.layers import SwiGLU
 from sfd_scale.models.lightningdit import build_model
 from sfd_scale.parallel.dims import ParallelDims, check_config_fits
 from sfd_scale.train.trainer import Trainer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -91,7 +92,8 @@ def test_each_step_starts_by_folding_the_last_steps_amaxes_into_the_look_back_an
     torch.testing.assert_close(history[1:], want, rtol=0, atol=0)
     maxes = torch.tensor([E4M3_MAX, E4M3_MAX, E5M2_MAX])
     lookback = torch.stack([getattr(fp8, name)[1:].amax() for name in HISTORY_BUFFERS])
-    torch.testing.assert_close(fp8.fp8_scales, torch.stack([maxes / lookback, lookback / maxes]))
+    want = torch.stack([maxes / lookback, lookback / maxes])
+    torch.testing.assert_close(fp8.fp8_scales, want.unsqueeze(-1).expand(-1, -1, SCALE_SLOT))
     assert fp8.fp8_weight_amax_history[1:].eq(fp8.weight.abs().amax()).all()
 
 
@@ -167,6 +169,37 @@ def test_an_fp8_swiglu_casts_its_activation_and_its_gradient_as_it_computes_them
     with torch.no_grad():                           # evaluation: the plain SwiGLU of the same weights
         assert torch.equal(fused(x), unfused(x))
     assert fused.state_dict().keys() == unfused.state_dict().keys()
+
+
+class _ScaleAddresses(TorchDispatchMode):
+    """Records the address of every scale handed to an FP8 matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addresses: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._scaled_mm.default:
+            self.addresses += [args[2].data_ptr(), args[3].data_ptr()]
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_fp8_matmul_reads_its_scales_at_16_byte_aligned_addresses():
+    # cuBLASLt refuses an FP8 matmul whose scale pointer is not 16-byte aligned
+    # (CUBLAS_STATUS_NOT_SUPPORTED on the H200, 2026-11-27): scales come from slots of fp8_scales.
+    torch.manual_seed(0)
+    mlp = SwiGLU(64, 48)
+    mlp.w12, mlp.w3 = Float8DelayedLinear.from_linear(mlp.w12), Float8DelayedLinear.from_linear(mlp.w3)
+    fused = Float8DelayedSwiGLU(mlp.w12, mlp.w3, fp8_swiglu_cast_reference, fp8_swiglu_backward_cast_reference)
+    _, linear = _pair()
+    register_fold_hook(fused)
+    recorder = _ScaleAddresses()
+    for _ in range(3):  # the first step's scales are fresh tensors, the later ones slots of fp8_scales
+        for module, width in ((fused, 64), (linear, 64)):
+            with recorder:
+                module(torch.randn(32, width, requires_grad=True)).float().sum().backward()
+    assert len(recorder.addresses) == 3 * (2 + 1) * 3 * 2  # steps x FP8 linears x matmuls x scales
+    assert [address % 16 for address in recorder.addresses] == [0] * len(recorder.addresses)
 
 
 def test_histories_are_checkpointed_and_optional_when_loading():

@@ -68,6 +68,11 @@ SwiGLUBackwardCast = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.d
 `sfd_scale.kernels.fp8_cast.fp8_swiglu_backward_cast`."""
 HISTORY_BUFFERS = ("fp8_input_amax_history", "fp8_weight_amax_history", "fp8_grad_amax_history")
 """The layer's state beyond nn.Linear's: checkpointed, never exported (reference keys only)."""
+SCALE_SLOT = 4
+"""Floats per scale in a layer's `fp8_scales`: each scale starts 16 bytes after the last. cuBLASLt
+reads an FP8 matmul's scales only from 16-byte aligned addresses: packed side by side, a scale at
+offset 3 failed the matmul with CUBLAS_STATUS_NOT_SUPPORTED (H200, CUDA 13, 2026-11-27; as
+pytorch/pytorch#159957 found for sliced row-wise scales)."""
 
 
 def is_fp8_state(key: str) -> bool:
@@ -121,7 +126,8 @@ def fold_amax_histories(layers: list[Float8DelayedLinear]) -> None:
     # Python numbers, not a tensor of the maxima: no host-to-device copy inside a captured CUDA graph.
     scales = torch.cat([E4M3_MAX / lookback[:, :2], E5M2_MAX / lookback[:, 2:]], dim=1)
     per_layer = torch.stack([scales, scales.reciprocal()], dim=1)  # (layers, 2, 3)
-    torch._foreach_copy_([layer.fp8_scales for layer in layers], list(per_layer.unbind(0)))
+    slots = per_layer.unsqueeze(-1).expand(-1, -1, -1, SCALE_SLOT)
+    torch._foreach_copy_([layer.fp8_scales for layer in layers], list(slots.unbind(0)))
 
 
 class FoldBeforeTrainingForward:
@@ -145,6 +151,11 @@ def register_fold_hook(root: nn.Module) -> int:
     if layers:
         root.register_forward_pre_hook(FoldBeforeTrainingForward(layers))
     return len(layers)
+
+
+def _scale_slots(device: torch.device | None) -> torch.Tensor:
+    """A layer's `fp8_scales` before its first fold: (2, len(HISTORY_BUFFERS), SCALE_SLOT) ones."""
+    return torch.ones(2, len(HISTORY_BUFFERS), SCALE_SLOT, device=device)
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -178,13 +189,13 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
 def _scales(amax: torch.Tensor | None, fp8_max: float, scales: torch.Tensor, index: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, inverse) of a tensor: from its own `amax` on a layer's first step (no history yet),
-    else this step's, column `index` of the layer's `fp8_scales` (set by `fold_amax_histories`: no
-    kernel of their own). One-element slices, not 0-d ones: inductor's FP8 matmul lowering fails on
-    a 0-d view at an offset."""
+    else this step's, slot `index` of the layer's `fp8_scales` (set by `fold_amax_histories`: no
+    kernel of their own). One-element views at 16-byte aligned addresses (`SCALE_SLOT`), not 0-d
+    ones: inductor's FP8 matmul lowering fails on a 0-d view at an offset."""
     if amax is not None:
         scale = _scale(amax, fp8_max)
         return scale, scale.reciprocal()
-    return scales[0, index:index + 1], scales[1, index:index + 1]
+    return scales[0, index, :1], scales[1, index, :1]
 
 
 def _cast_input(x2d: torch.Tensor, input_history: torch.Tensor, scales: torch.Tensor, dynamic: bool
@@ -325,9 +336,10 @@ class Float8DelayedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         for name in HISTORY_BUFFERS:
             self.register_buffer(name, torch.zeros(HISTORY + 1, dtype=torch.float32, device=device))
-        self.register_buffer("fp8_scales", torch.ones(2, len(HISTORY_BUFFERS), device=device), persistent=False)
-        """This step's scales (row 0) and their inverses (row 1), in HISTORY_BUFFERS' order: derived
-        from the histories by `fold_amax_histories`, so not checkpointed."""
+        self.register_buffer("fp8_scales", _scale_slots(device), persistent=False)
+        """This step's scales (row 0) and their inverses (row 1), in HISTORY_BUFFERS' order, each in
+        a slot of SCALE_SLOT floats: derived from the histories by `fold_amax_histories`, so not
+        checkpointed."""
         self.fp8_ready = False
         """True once the histories hold a step: until then scales come from the current amaxes."""
         self.cast_transpose: CastTranspose = fp8_cast_transpose_reference
@@ -345,7 +357,7 @@ class Float8DelayedLinear(nn.Linear):
         device = linear.weight.device
         for name in HISTORY_BUFFERS:
             setattr(layer, name, torch.zeros(HISTORY + 1, dtype=torch.float32, device=device))
-        layer.fp8_scales = torch.ones(2, len(HISTORY_BUFFERS), device=device)
+        layer.fp8_scales = _scale_slots(device)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
