@@ -159,15 +159,15 @@ run_named() {
 STEPS=("$@")
 # What the session most needs first (after the H200 call of session 9, where the whole-step graph
 # ran 354.8 images/s and delayed FP8 failed on misaligned scales, since fixed): the captured step's
-# and delayed FP8's tests on CUDA; the step with delayed FP8 next to the same step without it; the
-# loss curves of delayed FP8 and the bf16 residual against bf16; the reference with plain tuning and
-# as shipped on this card; the trainer loop with the graphs; our step without the whole-step graph
-# (weights: its profile names the ops behind each kernel, which the graph's does not); the bf16
-# residual stream; the real trainer loop, profiled, then on one device-resident batch (no loader);
-# SDPA's flash kernel against the cuDNN one it picks; the kernel tests. torchao's tensorwise and
+# and delayed FP8's tests on CUDA; the step with delayed FP8 next to the same step without it; our
+# step without the whole-step graph (weights: its profile names the ops behind each kernel, which
+# the graph's cannot); the loss curves of delayed FP8 and the bf16 residual against bf16 (whatever
+# time is left, 150 s at least); the reference with plain tuning and as shipped on this card; the
+# trainer loop with the graphs; the bf16 residual stream; the real trainer loop, profiled, then on
+# one device-resident batch (no loader); SDPA's flash kernel against the cuDNN one it picks; the kernel tests. torchao's tensorwise and
 # rowwise-with-bf16-weight-gradient come after: the kernel plan (launchers/kernel_plan.py) predicts
 # both lose to their casts, as rowwise did. Then the rows that attribute the gains.
-(( ${#STEPS[@]} )) || STEPS=(env graph_tests graph_delayed graph fp8_curve reference_tuned reference trainer_graph weights graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
+(( ${#STEPS[@]} )) || STEPS=(env graph_tests graph_delayed graph weights fp8_curve reference_tuned reference trainer_graph graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
   graph_tensorwise best_tensorwise best_gw_hp tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
   ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done

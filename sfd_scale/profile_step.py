@@ -5,7 +5,9 @@ On a GPU every CUDA kernel's device time is summed per step, by kernel name and 
 `kernels/`, eager elementwise and reduction kernels, copies); `busy_s_per_step` next to
 `wall_s_per_step` shows how long the GPU sat idle (launch- or sync-bound), and `idle` says where:
 each gap between kernels, attributed to what the host thread that launches the kernels was doing
-meanwhile (its innermost operator or annotated range) and to the kernel that ended the gap. On the
+meanwhile (its innermost operator or annotated range) and to the kernel that ended the gap; each of
+the top kernels names the host operators that launched it most often (`launched_by`: which eager
+reduction, which backward node; kernels replayed from a CUDA graph name the graph's launch). On the
 CPU the operators' own (self) CPU time is summed instead, which is what tests can check.
 """
 from __future__ import annotations
@@ -57,6 +59,7 @@ def profile_training_step(step: Callable[[], object], device: torch.device, step
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
     per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    launchers = kernel_launchers(prof.events()) if on_gpu else {}
     kernels: list[Interval] = []
     host_ops: list[HostOp] = []
     for event in prof.events():
@@ -87,9 +90,30 @@ def profile_training_step(step: Callable[[], object], device: torch.device, step
         "busy_s_per_step": busy,
         "categories": dict(sorted(by_category.items(), key=lambda item: -item[1])),
         "top": [{"name": name, "category": category(name), "s_per_step": seconds / steps,
-                 "calls_per_step": calls / steps} for name, (seconds, calls) in ranked],
+                 "calls_per_step": calls / steps,
+                 **({"launched_by": launchers[name].most_common(1)[0][0]} if name in launchers else {})}
+                for name, (seconds, calls) in ranked],
         **({"idle": idle_gaps(kernels, host_ops, steps)} if on_gpu else {}),
     }
+
+
+def kernel_launchers(events: Sequence, depth: int = 4) -> dict[str, Counter]:
+    """For each kernel name, how often each chain of host operators launched it: the operators
+    around the runtime call that launched it, innermost first (`aten::sum < autograd::engine::
+    evaluate_function: MulBackward0 < ...`, up to `depth`). The profiler files each kernel under
+    the runtime call (`cudaLaunchKernel`, `cudaGraphLaunch`, ...) that launched it."""
+    launchers: dict[str, Counter] = defaultdict(Counter)
+    for event in events:
+        if not getattr(event, "kernels", None):
+            continue
+        names, parent = [], event.cpu_parent
+        while parent is not None and len(names) < depth:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        path = " < ".join(names) or event.name
+        for kernel in event.kernels:
+            launchers[kernel.name][path] += 1
+    return launchers
 
 
 Interval = tuple[float, float, str]
@@ -151,6 +175,10 @@ def format_profile(report: dict, width: int = 90) -> str:
     for row in report["top"]:
         lines.append(f"| {_short(row['name'], width)} | {row['category']} | {row['s_per_step'] * 1e3:.3f} | "
                      f"{row['calls_per_step']:.1f} |")
+    launched = [row for row in report["top"] if "launched_by" in row]
+    if launched:
+        lines += ["| kernel | launched by (most calls) |", "|---|---|"]
+        lines += [f"| {_short(row['name'], width)} | {_short(row['launched_by'], width)} |" for row in launched]
     idle = report.get("idle")
     if idle is not None:
         lines.append(f"GPU idle between kernels: {idle['s_per_step'] * 1e3:.2f} ms/step in {idle['gaps_per_step']:.0f} "

@@ -18,7 +18,8 @@ from sfd_scale.bench import (
     synthetic_batch,
 )
 from sfd_scale.config import ModelConfig
-from sfd_scale.profile_step import (category, format_profile, idle_gaps, profile_training_step, sync_site,
+from sfd_scale.profile_step import (category, format_profile, idle_gaps, kernel_launchers, profile_training_step,
+                                    sync_site,
                                     sync_warning_stacks)
 from fixtures import TINY_MODEL_ARGS
 
@@ -146,6 +147,34 @@ def test_idle_gaps_are_attributed_to_the_launching_thread_and_the_next_kernel():
     text = format_profile(report)
     assert "GPU idle between kernels: 0.12 ms/step in 2 gaps" in text
     assert "| aten::_local_scalar_dense | 0.025 | 0.5 |" in text and "| adamw | 0.075 | 1.0 |" in text
+
+
+def test_kernels_are_attributed_to_the_host_operators_that_launched_them():
+    from types import SimpleNamespace as Event
+
+    def op(name, parent=None):
+        return Event(name=name, cpu_parent=parent, kernels=[])
+
+    def launch(parent, *kernels, name="cudaLaunchKernel"):
+        return Event(name=name, cpu_parent=parent, kernels=[Event(name=k) for k in kernels])
+
+    node = op("autograd::engine::evaluate_function: MulBackward0", op("autograd::engine::run"))
+    summed = op("aten::sum", op("aten::sum_to_size", node))
+    step = op("## Call CompiledFxGraph f1 ##", op("CompiledFunction", op("step")))
+    events = [node, summed, launch(summed, "reduce_kernel"), launch(summed, "reduce_kernel"),
+              launch(op("aten::sum", op("loss")), "reduce_kernel"), launch(step, "triton_poi_fused_0", "triton_red_1"),
+              launch(None, "gemm", name="cudaGraphLaunch")]
+    launchers = kernel_launchers(events, depth=3)
+    assert launchers["reduce_kernel"] == {
+        "aten::sum < aten::sum_to_size < autograd::engine::evaluate_function: MulBackward0": 2, "aten::sum < loss": 1}
+    assert launchers["triton_red_1"] == {"## Call CompiledFxGraph f1 ## < CompiledFunction < step": 1}
+    assert launchers["gemm"] == {"cudaGraphLaunch": 1}
+    report = {"steps": 1, "clock": "device", "wall_s_per_step": 1e-3, "busy_s_per_step": 5e-4,
+              "categories": {"elementwise/reduction": 5e-4},
+              "top": [{"name": "reduce_kernel", "category": "elementwise/reduction", "s_per_step": 5e-4,
+                       "calls_per_step": 3.0, "launched_by": launchers["reduce_kernel"].most_common(1)[0][0]}]}
+    assert "| reduce_kernel | aten::sum < aten::sum_to_size < autograd::engine::evaluate_function: MulBackward0 |" \
+        in format_profile(report, width=120)
 
 
 def test_sync_sites_name_the_caller_when_the_sync_is_inside_torch():

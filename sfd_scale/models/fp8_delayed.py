@@ -126,7 +126,8 @@ def fold_amax_histories(layers: list[Float8DelayedLinear]) -> None:
     # Python numbers, not a tensor of the maxima: no host-to-device copy inside a captured CUDA graph.
     scales = torch.cat([E4M3_MAX / lookback[:, :2], E5M2_MAX / lookback[:, 2:]], dim=1)
     per_layer = torch.stack([scales, scales.reciprocal()], dim=1)  # (layers, 2, 3)
-    slots = per_layer.unsqueeze(-1).expand(-1, -1, -1, SCALE_SLOT)
+    # Contiguous: CUDA's one-launch foreach copy takes dense sources only (a copy per layer else).
+    slots = per_layer.unsqueeze(-1).expand(-1, -1, -1, SCALE_SLOT).contiguous()
     torch._foreach_copy_([layer.fp8_scales for layer in layers], list(slots.unbind(0)))
 
 
