@@ -17,7 +17,7 @@ import torch
 
 from sfd_scale.kernels import triton_interpreting
 from sfd_scale.kernels.reference import (fp8_cast_transpose_reference, fp8_swiglu_backward_cast_reference,
-                                        fp8_swiglu_cast_reference)
+                                        fp8_swiglu_cast_reference, transpose_reference)
 
 
 def _twin_runs(t: torch.Tensor) -> bool:
@@ -124,3 +124,28 @@ def fp8_swiglu_backward_cast(h: torch.Tensor, dg: torch.Tensor, scale: torch.Ten
     _check_amax_out(amax_out)
     return _swiglu_backward_cast_op(h.contiguous(), dg.contiguous(), scale.float().reshape(()), fp8_dtype, amax_out,
                                     sums_dtype)
+
+
+@torch.library.custom_op("sfd_scale::fp8_transpose", mutates_args=())
+def _transpose_op(x8: torch.Tensor) -> torch.Tensor:
+    if _twin_runs(x8):
+        return transpose_reference(x8)
+    from sfd_scale.kernels.fp8_cast_kernel import transpose
+
+    return transpose(x8)
+
+
+@_transpose_op.register_fake
+def _(x8):
+    return x8.new_empty((x8.shape[1], x8.shape[0]))
+
+
+def fp8_transpose(x8: torch.Tensor) -> torch.Tensor:
+    """x8 (rows, cols), an FP8 matrix -> the same transposed and contiguous (cols, rows), bit for
+    bit: what an FP8 weight-gradient matmul takes of the layer's input, saved row by row by the
+    forward. An op of its own because torch.compile, left to itself, fused this copy into an
+    unrelated reduction kernel of the backward, whose transposed accesses then ran at a third of
+    the copy rate (the H200 profile of 2026-11-27, docs/benchmarks.md)."""
+    if x8.dim() != 2 or x8.element_size() != 1:
+        raise ValueError(f"fp8_transpose takes a matrix of one-byte elements, got {x8.dtype} of shape {tuple(x8.shape)}")
+    return _transpose_op(x8.contiguous())

@@ -1,5 +1,6 @@
 """The Triton kernels behind `sfd_scale.kernels.fp8_cast` (which says why): one read of a matrix
-writes its FP8 cast in both layouts, per-program amaxes and, optionally, per-program column sums;
+writes its FP8 cast in both layouts, per-program amaxes and, optionally, per-program column sums
+(and a plain tiled transpose of an FP8 matrix);
 a second, small kernel reduces those partials in a fixed order (no atomics, so results do not
 depend on the order programs run in) and writes the amax into its history slot and the column
 sums in the bias's dtype. Done in PyTorch, that was four small kernels a cast. Uses Triton
@@ -18,6 +19,9 @@ from sfd_scale.kernels import triton_interpreting
 _BLOCK_ROWS = 64
 _BLOCK_COLS = 64
 _FINISH_BLOCK = 256
+_FINISH_ROWS = 8
+_TRANSPOSE_BLOCK = 128
+"""Rows and columns of a transposed tile: 128 bytes, a full memory transaction, each way."""
 
 
 @triton.jit
@@ -105,8 +109,19 @@ def _swiglu_backward_cast_kernel(h_ptr, dg_ptr, scale_ptr, out_ptr, out_t_ptr, a
 
 
 @triton.jit
+def _transpose_kernel(x_ptr, out_ptr, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    # Bytes in, bytes out (an FP8 matrix viewed as uint8): a tile read along rows, written along
+    # columns, staged through shared memory like the cast kernel's transposed store.
+    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    c = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    tile = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask)
+    tl.store(out_ptr + c[None, :] * rows + r[:, None], tile, mask=mask)
+
+
+@triton.jit
 def _finish_kernel(amax_part_ptr, parts, amax_out_ptr, colsum_part_ptr, sums_ptr, row_blocks, cols,
-                   COLUMN_SUMS: tl.constexpr, BLOCK: tl.constexpr):
+                   COLUMN_SUMS: tl.constexpr, BLOCK: tl.constexpr, FINISH_ROWS: tl.constexpr):
     program = tl.program_id(0)
     offsets = tl.arange(0, BLOCK)
     if program == 0:
@@ -117,10 +132,16 @@ def _finish_kernel(amax_part_ptr, parts, amax_out_ptr, colsum_part_ptr, sums_ptr
         amax = tl.reduce(largest, 0, _max)
         tl.store(amax_out_ptr, tl.where(amax < float("inf"), amax, 0.0))  # NaN and inf fail the test
     if COLUMN_SUMS:
+        # FINISH_ROWS row blocks' partials per load: a few loads in flight per program, not one
+        # (at XXL's 128 row blocks, one at a time left each call ~9 us on an H200).
         c = program * BLOCK + offsets
+        rows = tl.arange(0, FINISH_ROWS)
         total = tl.full([BLOCK], 0.0, tl.float32)
-        for row_block in range(0, row_blocks):
-            total += tl.load(colsum_part_ptr + row_block * cols + c, mask=c < cols, other=0.0)
+        for start in range(0, row_blocks, FINISH_ROWS):
+            r = start + rows
+            tile = tl.load(colsum_part_ptr + r[:, None] * cols + c[None, :],
+                           mask=(r[:, None] < row_blocks) & (c[None, :] < cols), other=0.0)
+            total += tl.reduce(tile, 0, _add)
         tl.store(sums_ptr + c, total.to(sums_ptr.dtype.element_ty), mask=c < cols)
 
 
@@ -156,13 +177,28 @@ def swiglu_backward_cast(h: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor,
                        COLUMN_SUMS=sums_dtype is not None, BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS))
 
 
+def transpose(x8: torch.Tensor) -> torch.Tensor:
+    """`sfd_scale.kernels.fp8_cast.fp8_transpose` on a contiguous matrix, by the kernel."""
+    rows, cols = x8.shape
+    _check_offsets(rows, cols)
+    out = torch.empty((cols, rows), dtype=x8.dtype, device=x8.device)
+    grid = (triton.cdiv(rows, _TRANSPOSE_BLOCK), triton.cdiv(cols, _TRANSPOSE_BLOCK))
+    _transpose_kernel[grid](x8.view(torch.uint8), out.view(torch.uint8), rows, cols,
+                            BLOCK_ROWS=_TRANSPOSE_BLOCK, BLOCK_COLS=_TRANSPOSE_BLOCK)
+    return out
+
+
+def _check_offsets(rows: int, cols: int) -> None:
+    if rows * cols >= 2 ** 31:  # the kernels' offsets are 32-bit
+        raise ValueError(f"fp8 cast: a {rows} x {cols} matrix is too large for the kernel (< 2**31 elements)")
+
+
 def _launch(rows: int, cols: int, tiled_cols: int, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
             sums_dtype: torch.dtype | None, device: torch.device, cast_kernel: Callable[..., object]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Allocate a (rows, cols) cast, run `cast_kernel` over tiles of `tiled_cols` columns, then the
     finishing reduction; returns (cast, cast transposed, column sums)."""
-    if rows * cols >= 2 ** 31:  # the kernels' offsets are 32-bit
-        raise ValueError(f"fp8 cast: a {rows} x {cols} matrix is too large for the kernel (< 2**31 elements)")
+    _check_offsets(rows, cols)
     # Triton's interpreter rounds to FP8 wrongly (-7.875 -> -4.0 in e5m2): interpreted, the kernel
     # stores the float32 values it would round, and torch rounds them (a GPU rounds in the kernel).
     stored = torch.float32 if triton_interpreting() else fp8_dtype
@@ -176,5 +212,5 @@ def _launch(rows: int, cols: int, tiled_cols: int, fp8_dtype: torch.dtype, amax_
     sums = torch.empty((cols,) if column_sums else (0,), dtype=sums_dtype or torch.float32, device=device)
     finish_grid = (triton.cdiv(cols, _FINISH_BLOCK) if column_sums else 1,)
     _finish_kernel[finish_grid](amax_part, amax_part.numel(), amax_out, colsum_part, sums, grid[0], cols,
-                                COLUMN_SUMS=column_sums, BLOCK=_FINISH_BLOCK)
+                                COLUMN_SUMS=column_sums, BLOCK=_FINISH_BLOCK, FINISH_ROWS=_FINISH_ROWS)
     return out.to(fp8_dtype), out_t.to(fp8_dtype), sums

@@ -72,3 +72,8 @@ def fp8_swiglu_cast_reference(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: t
     in float32 (never rounded to h's dtype first), without column sums."""
     cast, cast_t, _ = fp8_cast_transpose_reference(swiglu_reference(h.float()), scale, fp8_dtype, amax_out, None)
     return cast, cast_t
+
+
+def transpose_reference(x: torch.Tensor) -> torch.Tensor:
+    """x (rows, cols) -> x transposed and contiguous (cols, rows)."""
+    return x.t().contiguous()

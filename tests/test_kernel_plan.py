@@ -61,16 +61,25 @@ def test_delayed_fp8_plan_fuses_each_input_cast_into_its_producer_and_casts_the_
     # output gradients: w12's computed from the SwiGLU's output gradient by the op that casts it.
     ours = {phase: sorted(k["ops"][0].split(".")[3] for k in plan[phase]["kernels"] if k["kind"] == "ours")
             for phase in ("forward", "backward")}
-    assert ours["forward"] == ["fp8_cast_transpose"] * 4 + ["fp8_swiglu_cast"]
-    assert ours["backward"] == ["fp8_cast_transpose"] * 3 + ["fp8_swiglu_backward_cast"]
+    assert [op for op in ours["forward"] if op != "fp8_transpose"] == ["fp8_cast_transpose"] * 4 + ["fp8_swiglu_cast"]
+    assert [op for op in ours["backward"] if op != "fp8_transpose"] == ["fp8_cast_transpose"] * 3 + [
+        "fp8_swiglu_backward_cast"]
+    # The inputs of qkv, proj and w12, column by column for their weight gradients, by our transpose
+    # op (the partitioner may run it in either phase). Left to inductor, these copies were fused
+    # into unrelated backward reductions, whose transposed accesses ran at a third of the copy rate
+    # (H200, 2026-11-27): no generated kernel transposes an FP8 matmul operand.
+    assert ours["forward"].count("fp8_transpose") + ours["backward"].count("fp8_transpose") == 3
+    assert not any({"_scaled_mm", "clone"} <= set(k["ops"])
+                   for phase in ("forward", "backward") for k in plan[phase]["kernels"] if k["kind"] == "triton")
     assert plan["backward"]["memory_bound_bytes"] == sum(
         k["bytes"] for k in plan["backward"]["kernels"] if k["kind"] in ("triton", "ours"))
     # The scales and the histories' shifts are one pass a step for all layers, outside the block,
     # and our op writes its amax into the history and its column sums in the bias's dtype: per
     # linear the forward adds our op and the end of the input's amax, plus the attention output's
-    # cast, which no generated kernel produces; the backward adds nothing (bias gradients come
-    # from our op). Done per layer, that bookkeeping was ~50 tiny kernels a block.
+    # cast, which no generated kernel produces, and the three transposes; the backward adds
+    # nothing (bias gradients come from our op). Done per layer, that bookkeeping was ~50 tiny
+    # kernels a block.
     count = {(recipe, phase): plans[recipe][phase]["memory_bound_kernels"]
              for recipe in ("none", "delayed") for phase in ("forward", "backward")}
-    assert count["delayed", "forward"] <= count["none", "forward"] + 2 * 4 + 1
+    assert count["delayed", "forward"] <= count["none", "forward"] + 2 * 4 + 1 + 3
     assert count["delayed", "backward"] <= count["none", "backward"]

@@ -176,6 +176,20 @@ def test_fp8_cast_transpose_kernel(dtype, fp8_dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+def test_fp8_transpose_kernel_moves_every_byte(fp8_dtype):
+    from sfd_scale.kernels.fp8_cast import fp8_transpose
+
+    # 200 x 130: partial tiles on both axes; every byte value, NaN and the saturated ones too.
+    x8 = torch.arange(200 * 130, dtype=torch.int32).remainder(256).to(torch.uint8).view(200, 130).view(fp8_dtype)
+    got = fp8_transpose(x8.to(DEVICE))
+    assert got.dtype == fp8_dtype and got.shape == (130, 200) and got.is_contiguous()
+    assert torch.equal(got.cpu().view(torch.uint8), x8.view(torch.uint8).t())
+    with pytest.raises(ValueError, match="one-byte elements"):
+        fp8_transpose(torch.zeros(16, 16, device=DEVICE))
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_swiglu_backward_cast_kernel(dtype):
     from sfd_scale.kernels.fp8_cast import fp8_swiglu_backward_cast
@@ -340,6 +354,23 @@ def test_fp8_swiglu_kernels_compile_for_hopper_with_wide_accesses(monkeypatch, k
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="PTX inspection is the CPU machines' check; a GPU runs the kernel")
+def test_fp8_transpose_kernel_reads_and_writes_128_bit_accesses(monkeypatch):
+    # As launched on aligned matrices: whole 16-byte vectors each way (the transposed side staged
+    # through shared memory), never byte by byte.
+    from fixtures import hopper_ptx
+    from sfd_scale.kernels import fp8_cast_kernel
+
+    signature = {"x_ptr": "*u8", "out_ptr": "*u8", "rows": "i32", "cols": "i32",
+                 "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr"}
+    ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, "_transpose_kernel", signature,
+                     {"BLOCK_ROWS": fp8_cast_kernel._TRANSPOSE_BLOCK, "BLOCK_COLS": fp8_cast_kernel._TRANSPOSE_BLOCK},
+                     attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
+    assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    assert "st.global.b8" not in ptx and "ld.global.b8" not in ptx
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="PTX inspection is the CPU machines' check; a GPU runs the kernel")
 def test_fp8_cast_finish_kernel_compiles_for_hopper_and_writes_bf16_sums(monkeypatch):
     # The interpreter runs the partials' reduction; this compiles it as a GPU would (its loops
     # over a runtime count, the NaN-propagating max, the infinity test) and checks the sums leave
@@ -349,9 +380,10 @@ def test_fp8_cast_finish_kernel_compiles_for_hopper_and_writes_bf16_sums(monkeyp
 
     signature = {"amax_part_ptr": "*fp32", "parts": "i32", "amax_out_ptr": "*fp32", "colsum_part_ptr": "*fp32",
                  "sums_ptr": "*bf16", "row_blocks": "i32", "cols": "i32", "COLUMN_SUMS": "constexpr",
-                 "BLOCK": "constexpr"}
+                 "BLOCK": "constexpr", "FINISH_ROWS": "constexpr"}
     ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, "_finish_kernel", signature,
-                     {"COLUMN_SUMS": True, "BLOCK": fp8_cast_kernel._FINISH_BLOCK}, helpers=("_max",))
+                     {"COLUMN_SUMS": True, "BLOCK": fp8_cast_kernel._FINISH_BLOCK,
+                      "FINISH_ROWS": fp8_cast_kernel._FINISH_ROWS}, helpers=("_add", "_max"))
     assert "max.NaN.f32" in ptx and "cvt.rn.bf16" in ptx
 
 

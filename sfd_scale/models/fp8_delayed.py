@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sfd_scale.kernels.fp8_cast import fp8_transpose
 from sfd_scale.kernels.reference import fp8_cast_transpose_reference, swiglu_backward_reference, swiglu_reference
 from sfd_scale.models.layers import SwiGLU, silu_gate
 
@@ -182,9 +183,11 @@ def _record(history: torch.Tensor, amax: torch.Tensor) -> None:
     history[:1].copy_(torch.where(amax.isfinite(), amax, 0.0))
 
 
-def _column_major(t: torch.Tensor) -> torch.Tensor:
-    """The same matrix stored column by column: what `torch._scaled_mm` takes as its second operand."""
-    return t.t().contiguous().t()
+def _column_major(x8: torch.Tensor) -> torch.Tensor:
+    """The same FP8 matrix stored column by column: what `torch._scaled_mm` takes as its second
+    operand. By our transpose op (its kernel where the cast kernels run): compile fused this copy
+    into an unrelated reduction kernel, which then ran 3x slower (`fp8_transpose`)."""
+    return fp8_transpose(x8).t()
 
 
 def _scales(amax: torch.Tensor | None, fp8_max: float, scales: torch.Tensor, index: int
