@@ -157,8 +157,9 @@ run_named() {
   esac
 }
 STEPS=("$@")
-# What the session most needs first (after the H200 call of session 9, where the whole-step graph
-# ran 354.8 images/s and delayed FP8 failed on misaligned scales, since fixed): the captured step's
+# What the session most needs first (after session 9's H200 calls: bf16 whole-step graph 358.3
+# images/s, delayed FP8 395.7; its transposes, SwiGLU-gradient tile and finishing kernel changed
+# since, untimed): the captured step's
 # and delayed FP8's tests on CUDA; the step with delayed FP8 next to the same step without it; our
 # step without the whole-step graph (weights: its profile names the ops behind each kernel, which
 # the graph's cannot); the loss curves of delayed FP8 and the bf16 residual against bf16 (whatever
