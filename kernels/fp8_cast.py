@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from sfd_scale.kernels import triton_interpreting
+from sfd_scale.kernels import triton_installed, triton_interpreting
 from sfd_scale.kernels.reference import (fp8_cast_transpose_reference, fp8_swiglu_backward_cast_reference,
                                         fp8_swiglu_cast_reference, transpose_reference)
 
 
 def _twin_runs(t: torch.Tensor) -> bool:
-    """Whether the ops compute with their PyTorch twins: on the CPU, outside Triton's interpreter."""
-    return t.device.type == "cpu" and not triton_interpreting()
+    """Whether the ops compute with their PyTorch twins: where Triton cannot run their kernels
+    (not installed, or off CUDA outside its interpreter), as `fast_paths` decides for the others."""
+    return not triton_installed() or (t.device.type != "cuda" and not triton_interpreting())
 
 
 def _check_amax_out(amax_out: torch.Tensor) -> None:

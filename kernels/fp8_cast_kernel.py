@@ -1,10 +1,9 @@
 """The Triton kernels behind `sfd_scale.kernels.fp8_cast` (which says why): one read of a matrix
-writes its FP8 cast in both layouts, per-program amaxes and, optionally, per-program column sums
-(and a plain tiled transpose of an FP8 matrix);
+writes its FP8 cast in both layouts, per-program amaxes and, optionally, per-program column sums;
 a second, small kernel reduces those partials in a fixed order (no atomics, so results do not
 depend on the order programs run in) and writes the amax into its history slot and the column
-sums in the bias's dtype. Done in PyTorch, that was four small kernels a cast. Uses Triton
-builtins only: see the package docstring.
+sums in the bias's dtype. Done in PyTorch, that was four small kernels a cast. Also a plain tiled
+transpose of an FP8 matrix. Uses Triton builtins only: see the package docstring.
 """
 from __future__ import annotations
 
@@ -197,7 +196,7 @@ def transpose(x8: torch.Tensor) -> torch.Tensor:
 
 def _check_offsets(rows: int, cols: int) -> None:
     if rows * cols >= 2 ** 31:  # the kernels' offsets are 32-bit
-        raise ValueError(f"fp8 cast: a {rows} x {cols} matrix is too large for the kernel (< 2**31 elements)")
+        raise ValueError(f"fp8 kernels: a {rows} x {cols} matrix is too large (< 2**31 elements)")
 
 
 def _launch(rows: int, cols: int, tiled_cols: int, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
