@@ -22,8 +22,13 @@ _SWIGLU_BACKWARD_WARPS = 8
 """The SwiGLU gradient's tile: 64 x 64 with 4 warps held 201 registers a thread (sm_90 ptxas), so
 an SM ran 8 warps and the kernel moved ~1.9 TB/s on an H200; 64 x 32 with 8 warps holds 80, and
 an SM runs 24 warps."""
-_FINISH_BLOCK = 256
-_FINISH_ROWS = 8
+_FINISH_AMAX_BLOCK = 16384
+"""Most amax partials the finishing kernel loads at once: all of them at XXL's sizes (<= 16,384)."""
+_FINISH_SUM_ROWS = 128
+_FINISH_SUM_COLS = 64
+"""A finishing program's tile of column-sum partials: every row block at XXL's 8,192 tokens (128),
+64 columns (256-byte rows)."""
+_FINISH_WARPS = 8
 _TRANSPOSE_BLOCK = 128
 """Rows and columns of a transposed tile: 128 bytes, a full memory transaction, each way."""
 
@@ -125,23 +130,25 @@ def _transpose_kernel(x_ptr, out_ptr, rows, cols, BLOCK_ROWS: tl.constexpr, BLOC
 
 @triton.jit
 def _finish_kernel(amax_part_ptr, parts, amax_out_ptr, colsum_part_ptr, sums_ptr, row_blocks, cols,
-                   COLUMN_SUMS: tl.constexpr, BLOCK: tl.constexpr, FINISH_ROWS: tl.constexpr):
+                   COLUMN_SUMS: tl.constexpr, AMAX_BLOCK: tl.constexpr, SUM_ROWS: tl.constexpr,
+                   SUM_COLS: tl.constexpr):
+    # Each loop loads a whole tile, and at XXL's sizes runs once: a loop over small tiles waits for
+    # one load per iteration (256 partials, then 8 row blocks at a time, left each call 9-14 us on
+    # an H100 or H200, 216 calls a step).
     program = tl.program_id(0)
-    offsets = tl.arange(0, BLOCK)
     if program == 0:
-        largest = tl.full([BLOCK], 0.0, tl.float32)
-        for start in range(0, parts, BLOCK):
+        offsets = tl.arange(0, AMAX_BLOCK)
+        largest = tl.full([AMAX_BLOCK], 0.0, tl.float32)
+        for start in range(0, parts, AMAX_BLOCK):
             part = tl.load(amax_part_ptr + start + offsets, mask=start + offsets < parts, other=0.0)
             largest = _max(largest, part)
         amax = tl.reduce(largest, 0, _max)
         tl.store(amax_out_ptr, tl.where(amax < float("inf"), amax, 0.0))  # NaN and inf fail the test
     if COLUMN_SUMS:
-        # FINISH_ROWS row blocks' partials per load: a few loads in flight per program, not one
-        # (at XXL's 128 row blocks, one at a time left each call ~9 us on an H200).
-        c = program * BLOCK + offsets
-        rows = tl.arange(0, FINISH_ROWS)
-        total = tl.full([BLOCK], 0.0, tl.float32)
-        for start in range(0, row_blocks, FINISH_ROWS):
+        c = program * SUM_COLS + tl.arange(0, SUM_COLS)
+        rows = tl.arange(0, SUM_ROWS)
+        total = tl.full([SUM_COLS], 0.0, tl.float32)
+        for start in range(0, row_blocks, SUM_ROWS):
             r = start + rows
             tile = tl.load(colsum_part_ptr + r[:, None] * cols + c[None, :],
                            mask=(r[:, None] < row_blocks) & (c[None, :] < cols), other=0.0)
@@ -194,6 +201,13 @@ def transpose(x8: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _finish_tiles(parts: int, row_blocks: int) -> dict[str, int]:
+    """The finishing kernel's tile sizes for `parts` amax partials and `row_blocks` rows of column
+    sums: as many as fit in one load, up to the caps (a power of two each, as Triton's blocks are)."""
+    return dict(AMAX_BLOCK=min(triton.next_power_of_2(parts), _FINISH_AMAX_BLOCK),
+                SUM_ROWS=min(triton.next_power_of_2(row_blocks), _FINISH_SUM_ROWS), SUM_COLS=_FINISH_SUM_COLS)
+
+
 def _check_offsets(rows: int, cols: int) -> None:
     if rows * cols >= 2 ** 31:  # the kernels' offsets are 32-bit
         raise ValueError(f"fp8 kernels: a {rows} x {cols} matrix is too large (< 2**31 elements)")
@@ -216,7 +230,8 @@ def _launch(rows: int, cols: int, tiled_cols: int, fp8_dtype: torch.dtype, amax_
     colsum_part = torch.empty((grid[0], cols) if column_sums else (0,), dtype=torch.float32, device=device)
     cast_kernel(grid, out, out_t, amax_part, colsum_part, torch.finfo(fp8_dtype).max)
     sums = torch.empty((cols,) if column_sums else (0,), dtype=sums_dtype or torch.float32, device=device)
-    finish_grid = (triton.cdiv(cols, _FINISH_BLOCK) if column_sums else 1,)
+    finish_grid = (triton.cdiv(cols, _FINISH_SUM_COLS) if column_sums else 1,)
     _finish_kernel[finish_grid](amax_part, amax_part.numel(), amax_out, colsum_part, sums, grid[0], cols,
-                                COLUMN_SUMS=column_sums, BLOCK=_FINISH_BLOCK, FINISH_ROWS=_FINISH_ROWS)
+                                COLUMN_SUMS=column_sums, **_finish_tiles(amax_part.numel(), grid[0]),
+                                num_warps=_FINISH_WARPS)
     return out.to(fp8_dtype), out_t.to(fp8_dtype), sums

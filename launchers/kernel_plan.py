@@ -3,6 +3,7 @@ move, worked out on a CPU (no GPU needed; sfd_scale/kernel_plan.py says how and 
 
     python launchers/kernel_plan.py --size XXL --batch-size 32 --fp8 none delayed --bf16-weights
     python launchers/kernel_plan.py --size XXL --fp8 delayed --kernels      # every kernel, its ops
+    python launchers/kernel_plan.py --device cuda --bf16-weights --kernels  # the plan a GPU really runs
 
 Use it before a GPU session to see whether a change fuses as intended; the GPU profile then says
 what the bytes cost.
@@ -30,20 +31,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bandwidth", type=float, default=BLOCK_BANDWIDTH / 1e12, metavar="TB/S",
                         help="copy rate that turns bytes into time (default: session 5's H100 figure)")
     parser.add_argument("--kernels", action="store_true", help="list every kernel")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: compile for the GPU here and also list the kernels one step launches")
     parser.add_argument("--json", default=None, metavar="FILE")
     args = parser.parse_args(argv)
     cfg = ModelConfig(size=args.size)
     depth = resolve_size(cfg).depth
     report = {}
     for recipe in args.fp8:
-        forward, backward = plan_block(cfg, args.batch_size, recipe, args.bf16_weights, args.residual)
+        launched: list[dict] = []
+        forward, backward = plan_block(cfg, args.batch_size, recipe, args.bf16_weights, args.residual,
+                                       args.device, launched)
         print(f"== {args.size}, batch {args.batch_size}, fp8 {recipe}, "
-              f"{'bf16' if args.bf16_weights else 'fp32'} weights, {args.residual} residual")
+              f"{'bf16' if args.bf16_weights else 'fp32'} weights, {args.residual} residual, on {args.device}")
         print(format_plan(forward, backward, depth, args.bandwidth * 1e12, args.kernels))
+        if launched:
+            print("kernels one compiled training step of the block launched (launches, us, name):")
+            print("\n".join(f"    {row['calls_per_step']:3.0f} {row['s_per_step'] * 1e6:8.1f}  {row['name'][:150]}"
+                             for row in launched))
         report[recipe] = {phase: {"memory_bound_kernels": plan.memory_bound_kernels,
                                   "memory_bound_bytes": plan.memory_bound_bytes,
                                   "kernels": [dict(kind=k.kind, bytes=k.bytes, ops=list(k.ops)) for k in plan.kernels]}
                           for phase, plan in (("forward", forward), ("backward", backward))}
+        if launched:
+            report[recipe]["launched"] = launched
     if args.json:
         atomic_write_bytes(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
 

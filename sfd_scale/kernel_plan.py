@@ -81,15 +81,28 @@ def _kernel_of(node) -> PlannedKernel | None:
 
 
 @contextlib.contextmanager
-def recording_backend() -> Iterator[tuple[Callable, list[GraphPlan]]]:
+def recording_backend(device_type: str = "cpu") -> Iterator[tuple[Callable, list[GraphPlan]]]:
     """A torch.compile backend that records inductor's GPU plan of every graph it compiles into the
-    list it yields, and runs the graph compiled for the CPU. Inductor is patched only inside."""
+    list it yields, and runs the graph compiled for the CPU; for CUDA tensors (`device_type`
+    "cuda"), the plan inductor really generates for the GPU it runs on. Inductor is patched only
+    inside."""
     from torch._inductor import config as inductor_config
     from torch._inductor import scheduler
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._inductor.runtime import hints
 
     plans: list[GraphPlan] = []
+    if device_type == "cuda":
+        generate = scheduler.Scheduler.codegen
+
+        def record_then_generate(self) -> None:
+            plans.append(GraphPlan(tuple(k for k in map(_kernel_of, self.nodes) if k is not None)))
+            return generate(self)
+
+        with (mock.patch.object(scheduler.Scheduler, "codegen", record_then_generate),
+              inductor_config.patch(fx_graph_cache=False)):
+            yield compile_fx, plans
+        return
     create = hints.DeviceProperties.create
     codegen = scheduler.Scheduler.codegen
     h100 = hints.DeviceProperties(**H100)
@@ -123,12 +136,16 @@ def recording_backend() -> Iterator[tuple[Callable, list[GraphPlan]]]:
 
 
 def plan_block(model_cfg: ModelConfig, batch_size: int, fp8: str = "none", bf16_weights: bool = False,
-               residual_precision: str = "fp32") -> tuple[GraphPlan, GraphPlan]:
+               residual_precision: str = "fp32", device: str = "cpu",
+               launched: list[dict] | None = None) -> tuple[GraphPlan, GraphPlan]:
     """The (forward, backward) plan of one block of `model_cfg`'s size at `batch_size`, compiled as
     `model.compile: blocks` compiles it, in a bf16-autocast training step: with the FP8 recipe
     `fp8`, bf16 weight copies (`optim.bf16_weights`) and the residual stream in `residual_precision`.
     FP8 recipes that scale from history are planned at their second step (the first scales
-    dynamically and compiles apart)."""
+    dynamically and compiles apart). On `device` "cuda" the plan is the one inductor generates
+    there, and `launched`, if given, receives every GPU kernel one more compiled step of the block
+    launches, library kernels and any launched outside the plan included, with its device time
+    (`sfd_scale.profile_step`'s rows: name, category, s_per_step, calls_per_step), costliest first."""
     from sfd_scale.kernels import fp8_cast
     from sfd_scale.models import fast_paths
     from sfd_scale.models.fp8_delayed import Float8DelayedLinear, Float8DelayedSwiGLU
@@ -141,29 +158,39 @@ def plan_block(model_cfg: ModelConfig, batch_size: int, fp8: str = "none", bf16_
     torch.manual_seed(0)
     holder = nn.Module()  # the FP8 swap finds linears by their names in the model: blocks.<i>.<...>
     holder.blocks = nn.ModuleList([LightningDiTBlock(size.hidden_size, size.num_heads, model_cfg.mlp_ratio, "sdpa")])
-    fast_paths.apply_fp8(holder, fp8, torch.device("cpu"))
+    fast_paths.apply_fp8(holder, fp8, torch.device(device))
     for layer in holder.modules():
         # The kernels a GPU runs (on the CPU they compute with their twins).
         if isinstance(layer, Float8DelayedLinear):
             layer.cast_transpose = fp8_cast.fp8_cast_transpose
         if isinstance(layer, Float8DelayedSwiGLU):
             layer.swiglu_cast, layer.swiglu_backward_cast = fp8_cast.fp8_swiglu_cast, fp8_cast.fp8_swiglu_backward_cast
+    holder.to(device)
     if bf16_weights:
         attach_bf16_weights(holder)
     block = holder.blocks[0]
-    rope = Rope2D(size.hidden_size // size.num_heads, grid)
+    rope = Rope2D(size.hidden_size // size.num_heads, grid).to(device)
     residual = fast_paths.RESIDUAL_PRECISIONS[residual_precision]
-    x = torch.randn(batch_size, grid * grid, size.hidden_size, dtype=residual, requires_grad=True)
-    c = torch.randn(batch_size, size.hidden_size)
-    with recording_backend() as (backend, plans):
+    x = torch.randn(batch_size, grid * grid, size.hidden_size, dtype=residual, device=device, requires_grad=True)
+    c = torch.randn(batch_size, size.hidden_size, device=device)
+
+    def train_step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = block(x, c, rope)
+        out.float().square().mean().backward()
+
+    with recording_backend(device) as (backend, plans):
         block.compile(backend=backend)
         for _ in range(2 if fp8 == "delayed" else 1):
             plans.clear()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = block(x, c, rope)
-            out.float().square().mean().backward()
+            train_step()
     if len(plans) != 2:
         raise RuntimeError(f"expected a forward and a backward graph for one block, inductor compiled {len(plans)}")
+    if launched is not None and device == "cuda":
+        from sfd_scale.profile_step import profile_training_step
+
+        train_step()  # the profiled step runs what a later training step runs (a warm allocator)
+        launched.extend(profile_training_step(train_step, torch.device(device), steps=1, top=1000)["top"])
     return plans[0], plans[1]
 
 

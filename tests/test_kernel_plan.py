@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sfd_scale.config import ModelConfig
 from sfd_scale.kernel_plan import plan_block
@@ -83,3 +84,15 @@ def test_delayed_fp8_plan_fuses_each_input_cast_into_its_producer_and_casts_the_
              for recipe in ("none", "delayed") for phase in ("forward", "backward")}
     assert count["delayed", "forward"] <= count["none", "forward"] + 2 * 4 + 1 + 3
     assert count["delayed", "backward"] <= count["none", "backward"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the plan a GPU generates needs a GPU (the GPU script runs it)")
+def test_on_a_gpu_the_plan_is_what_a_step_of_the_block_launches():
+    # The CPU plan stands in for this one; on a GPU both the plan and the launches are real, and
+    # every kernel the plan generates runs once a step, nothing generated runs beside it.
+    launched: list[dict] = []
+    forward, backward = plan_block(TINY, batch_size=2, bf16_weights=True, device="cuda", launched=launched)
+    generated = sum(k.kind == "triton" for plan in (forward, backward) for k in plan.kernels)
+    assert generated > 0
+    assert sum(row["calls_per_step"] for row in launched if row["name"].startswith("triton_")) == generated
+    assert all(row["s_per_step"] > 0 for row in launched)

@@ -380,11 +380,15 @@ def test_fp8_cast_finish_kernel_compiles_for_hopper_and_writes_bf16_sums(monkeyp
 
     signature = {"amax_part_ptr": "*fp32", "parts": "i32", "amax_out_ptr": "*fp32", "colsum_part_ptr": "*fp32",
                  "sums_ptr": "*bf16", "row_blocks": "i32", "cols": "i32", "COLUMN_SUMS": "constexpr",
-                 "BLOCK": "constexpr", "FINISH_ROWS": "constexpr"}
-    ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, "_finish_kernel", signature,
-                     {"COLUMN_SUMS": True, "BLOCK": fp8_cast_kernel._FINISH_BLOCK,
-                      "FINISH_ROWS": fp8_cast_kernel._FINISH_ROWS}, helpers=("_add", "_max"))
+                 "AMAX_BLOCK": "constexpr", "SUM_ROWS": "constexpr", "SUM_COLS": "constexpr"}
+    # As launched after the XXL qkv gradient's cast: 128 x 72 partials, 4,608 column sums.
+    tiles = fp8_cast_kernel._finish_tiles(128 * 72, 128)
+    assert tiles == {"AMAX_BLOCK": 16384, "SUM_ROWS": 128, "SUM_COLS": 64}  # every partial in one load
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(7)}  # pointers and counts, as at XXL's sizes
+    ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, "_finish_kernel", signature, {"COLUMN_SUMS": True, **tiles},
+                     attrs=aligned, helpers=("_add", "_max"))
     assert "max.NaN.f32" in ptx and "cvt.rn.bf16" in ptx
+    assert "ld.global.v4.b32" in ptx and "ld.global.b32" not in ptx  # 16-byte loads of the partials
 
 
 @needs_triton
