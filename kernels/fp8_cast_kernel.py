@@ -17,11 +17,11 @@ from sfd_scale.kernels import triton_interpreting
 
 _BLOCK_ROWS = 64
 _BLOCK_COLS = 64
-_SWIGLU_BACKWARD_BLOCK_COLS = 32
-_SWIGLU_BACKWARD_WARPS = 8
-"""The SwiGLU gradient's tile: 64 x 64 with 4 warps held 201 registers a thread (sm_90 ptxas), so
-an SM ran 8 warps and the kernel moved ~1.9 TB/s on an H200; 64 x 32 with 8 warps holds 80, and
-an SM runs 24 warps."""
+SWIGLU_BACKWARD_TILE = (64, 32, 8)
+"""(rows, columns, warps) of the SwiGLU gradient kernel's programs: 64 x 64 with 4 warps held 201
+registers a thread (sm_90 ptxas), so an SM ran 8 warps and the kernel moved ~1.9 TB/s on an H200;
+64 x 32 with 8 warps holds 80, and an SM runs 24 warps (launchers/bench_fp8_kernels.py compares
+tiles on a GPU)."""
 _FINISH_AMAX_BLOCK = 16384
 """Most amax partials the finishing kernel loads at once: all of them at XXL's sizes (<= 16,384)."""
 _FINISH_SUM_ROWS = 128
@@ -178,16 +178,19 @@ def swiglu_cast(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, am
 
 
 def swiglu_backward_cast(h: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
-                         amax_out: torch.Tensor, sums_dtype: torch.dtype | None
+                         amax_out: torch.Tensor, sums_dtype: torch.dtype | None,
+                         tile: tuple[int, int, int] = SWIGLU_BACKWARD_TILE
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`sfd_scale.kernels.fp8_cast.fp8_swiglu_backward_cast` on contiguous matrices, by the kernels."""
+    """`sfd_scale.kernels.fp8_cast.fp8_swiglu_backward_cast` on contiguous matrices, by the kernels;
+    another `tile` (rows, columns, warps) is for launchers/bench_fp8_kernels.py's comparisons."""
     rows, hidden = dg.shape
+    block_rows, block_cols, warps = tile
     return _launch(rows, 2 * hidden, hidden, fp8_dtype, amax_out, sums_dtype, h.device,
                    lambda grid, out, out_t, amax_part, colsum_part, fp8_max: _swiglu_backward_cast_kernel[grid](
                        h, dg, scale, out, out_t, amax_part, colsum_part, rows, hidden, fp8_max,
-                       COLUMN_SUMS=sums_dtype is not None, BLOCK_ROWS=_BLOCK_ROWS,
-                       BLOCK_COLS=_SWIGLU_BACKWARD_BLOCK_COLS, num_warps=_SWIGLU_BACKWARD_WARPS),
-                   block_cols=_SWIGLU_BACKWARD_BLOCK_COLS)
+                       COLUMN_SUMS=sums_dtype is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+                       num_warps=warps),
+                   block_rows=block_rows, block_cols=block_cols)
 
 
 def transpose(x8: torch.Tensor) -> torch.Tensor:
@@ -215,8 +218,9 @@ def _check_offsets(rows: int, cols: int) -> None:
 
 def _launch(rows: int, cols: int, tiled_cols: int, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
             sums_dtype: torch.dtype | None, device: torch.device, cast_kernel: Callable[..., object],
-            block_cols: int = _BLOCK_COLS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Allocate a (rows, cols) cast, run `cast_kernel` over tiles of _BLOCK_ROWS x `block_cols` of
+            block_rows: int = _BLOCK_ROWS, block_cols: int = _BLOCK_COLS
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Allocate a (rows, cols) cast, run `cast_kernel` over tiles of `block_rows` x `block_cols` of
     `tiled_cols` columns, then the finishing reduction; returns (cast, cast transposed, column sums)."""
     _check_offsets(rows, cols)
     # Triton's interpreter rounds to FP8 wrongly (-7.875 -> -4.0 in e5m2): interpreted, the kernel
@@ -224,7 +228,7 @@ def _launch(rows: int, cols: int, tiled_cols: int, fp8_dtype: torch.dtype, amax_
     stored = torch.float32 if triton_interpreting() else fp8_dtype
     out = torch.empty((rows, cols), dtype=stored, device=device)
     out_t = torch.empty((cols, rows), dtype=stored, device=device)
-    grid = (triton.cdiv(rows, _BLOCK_ROWS), triton.cdiv(tiled_cols, block_cols))
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(tiled_cols, block_cols))
     column_sums = sums_dtype is not None
     amax_part = torch.empty(grid, dtype=torch.float32, device=device)
     colsum_part = torch.empty((grid[0], cols) if column_sums else (0,), dtype=torch.float32, device=device)

@@ -119,6 +119,7 @@ run_named() {
       tests/test_kernels.py::test_fp8_swiglu_through_the_kernels_is_close_to_the_twins \
       tests/test_kernel_plan.py::test_on_a_gpu_the_plan_is_what_a_step_of_the_block_launches \
       "tests/test_step_graph.py::test_graphed_steps_give_the_ordinary_numbers_weights_skips_and_survive_a_state_reload[bf16-weight-copies-delayed-fp8]" ;;
+    fp8_kernels) step fp8_cast_kernels_and_tiles 60 $PY launchers/bench_fp8_kernels.py --json "$OUT/fp8_kernels.json" ;;
     # The kernels inductor generates for one XXL block on this GPU, and every kernel one compiled
     # step of the block launches with its time (which operator runs the 101 fp32 sums a step?).
     plan_cuda) step kernel_plan_on_the_gpu 100 $PY launchers/kernel_plan.py --device cuda --size XXL --batch-size 32 \
@@ -171,18 +172,17 @@ run_named() {
   esac
 }
 STEPS=("$@")
-# What the session most needs first (after session 9's H200 calls: bf16 whole-step graph 358.3
-# images/s, delayed FP8 395.7; its transposes, SwiGLU-gradient tile and finishing kernel changed
-# since, untimed): the captured step's
-# and delayed FP8's tests on CUDA; the step with delayed FP8 next to the same step without it; our
-# step without the whole-step graph (weights: its profile names the ops behind each kernel, which
-# the graph's cannot); the loss curves of delayed FP8 and the bf16 residual against bf16 (whatever
-# time is left, 150 s at least); the reference with plain tuning and as shipped on this card; the
-# trainer loop with the graphs; the bf16 residual stream; the real trainer loop, profiled, then on
-# one device-resident batch (no loader); SDPA's flash kernel against the cuDNN one it picks; the kernel tests. torchao's tensorwise and
-# rowwise-with-bf16-weight-gradient come after: the kernel plan (launchers/kernel_plan.py) predicts
-# both lose to their casts, as rowwise did. Then the rows that attribute the gains.
-(( ${#STEPS[@]} )) || STEPS=(env graph_tests graph_delayed graph weights fp8_curve reference_tuned reference trainer_graph graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
+# What the session most needs first (after session 10's first H100 call: delayed FP8 374.8 images/s
+# back to back, bf16 333.7; the finishing kernel changed since, untimed): delayed FP8, then with the
+# bf16 residual stream; the FP8 tests that failed on CUDA, with tracebacks; our FP8 kernels alone
+# and the SwiGLU gradient's other tiles; the plan of one XXL block on this GPU with every kernel a
+# step of it launches (where the 101 fp32 sums come from); bf16 in the same call; then the tests of
+# the captured step, our step without the whole-step graph (its profile names the ops behind each
+# kernel), the loss curves of delayed FP8 and the bf16 residual against bf16 (whatever time is
+# left, 150 s at least), the reference with plain tuning and as shipped, the trainer loop with the
+# graphs, and the rest. torchao's tensorwise and rowwise-with-bf16-weight-gradient come late: the
+# kernel plan (launchers/kernel_plan.py) predicts both lose to their casts, as rowwise did.
+(( ${#STEPS[@]} )) || STEPS=(env graph_delayed graph_delayed_residual fp8_gpu_tests fp8_kernels plan_cuda graph graph_tests weights fp8_curve reference_tuned reference trainer_graph graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
   graph_tensorwise best_tensorwise best_gw_hp tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
   ac_blocks blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done

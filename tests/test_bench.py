@@ -327,3 +327,17 @@ def test_trainer_benchmark_runs_the_configured_engine_on_two_ranks(tmp_path, eng
     assert (report["engine"], report["world_size"], report["global_batch"]) == (engine, 2, 4)
     assert [r["async_metrics"] for r in report["runs"]] == loops
     assert "| synchronous |" in logs[0] and "| synchronous |" not in logs[1]  # rank 0 reports
+
+
+def test_fp8_kernel_benchmark_times_each_cast_and_every_swiglu_gradient_tile(tmp_path):
+    out = tmp_path / "fp8_kernels.json"
+    done = subprocess.run([sys.executable, "launchers/bench_fp8_kernels.py", "--tokens", "64", "--dim", "32", "--hidden",
+                           "32", "--repeats", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["us"] > 0 and r["bytes"] > 0 for r in rows)
+    tiles = [r for r in rows if r["kernel"].startswith("swiglu gradient")]
+    assert len(rows) - len(tiles) == 6 and len(tiles) > 1
+    assert {r["bytes"] for r in tiles} == {64 * 32 * 10}  # h and dg read in bf16, both FP8 layouts written
+    assert "| swiglu gradient cast, tile 64x32 8 warps |" in done.stdout

@@ -221,6 +221,26 @@ def test_fp8_swiglu_backward_cast_kernel(dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("tile", [(64, 64, 4), (128, 32, 8), (32, 128, 4)])
+def test_swiglu_gradient_cast_on_other_tiles_is_the_same_cast(tile):
+    # launchers/bench_fp8_kernels.py times other tiles of this kernel: each must compute the same
+    # cast, the same amax and (up to the order partial sums are added in) the same column sums.
+    from sfd_scale.kernels.fp8_cast_kernel import SWIGLU_BACKWARD_TILE, swiglu_backward_cast
+
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(200, 300, generator=g) * 3).to(DEVICE, torch.bfloat16)   # partial tiles both ways
+    dg = torch.randn(200, 150, generator=g).to(DEVICE, torch.bfloat16)
+    scale = torch.tensor(torch.finfo(torch.float8_e5m2).max / 40.0, device=DEVICE)
+    slots = torch.full((2,), -1.0, device=DEVICE)
+    results = [swiglu_backward_cast(h, dg, scale, torch.float8_e5m2, slots[i:i + 1], torch.float32, t)
+               for i, t in enumerate((SWIGLU_BACKWARD_TILE, tile))]
+    for want, got in zip(results[0][:2], results[1][:2]):  # the cast, row by row and column by column
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert slots[0] == slots[1] > 0
+    torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-5, atol=1e-4)
+
+
+@needs_triton
 def test_fp8_layer_backward_through_the_kernel_equals_the_twin():
     from sfd_scale.kernels.fp8_cast import fp8_cast_transpose
     from sfd_scale.models.fp8_delayed import Float8DelayedLinear, register_fold_hook
@@ -342,7 +362,8 @@ def test_fp8_swiglu_kernels_compile_for_hopper_with_wide_accesses(monkeypatch, k
     if kernel == "_swiglu_backward_cast_kernel":  # as launched: its own narrower tile
         signature = {**{k: v for k, v in signature.items() if not k.startswith("BLOCK")}, "COLUMN_SUMS": "constexpr",
                      "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr"}
-        constexprs.update(COLUMN_SUMS=True, BLOCK_COLS=fp8_cast_kernel._SWIGLU_BACKWARD_BLOCK_COLS)
+        block_rows, block_cols, _ = fp8_cast_kernel.SWIGLU_BACKWARD_TILE
+        constexprs.update(COLUMN_SUMS=True, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
         helpers = ("_add", "_max")
     pointers_and_sizes = [i for i, (name, kind) in enumerate(signature.items())
                           if kind.startswith("*") and name != "scale_ptr" or name in ("rows", "hidden")]

@@ -1,0 +1,80 @@
+"""Time our FP8 cast kernels (kernels/fp8_cast_kernel.py) on the matrices one block of a delayed-FP8
+step casts, and the SwiGLU gradient kernel with other tiles: microseconds a call and the copy rate
+from the bytes each must move. What a whole-step profile cannot say: which tile is fastest.
+
+  python launchers/bench_fp8_kernels.py --json runs/bench/fp8_kernels.json    # GPU, XXL's shapes
+  TRITON_INTERPRET=1 python launchers/bench_fp8_kernels.py --tokens 64 --dim 32 --hidden 32 --repeats 1
+
+Shapes: `--tokens` rows (batch x tokens: 32 x 256 at XXL), model width `--dim` and SwiGLU width
+`--hidden`. Each call's bytes are its inputs read and its outputs written once (partials aside).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from sfd_scale.atomic import atomic_write_bytes
+from sfd_scale.bench import _timed
+from sfd_scale.kernels import fp8_cast_kernel
+
+SWIGLU_BACKWARD_TILES = [(64, 32, 8), (64, 64, 4), (64, 64, 8), (128, 32, 8), (32, 64, 4), (128, 64, 8), (32, 128, 4)]
+"""(rows, columns, warps) tiles of the SwiGLU gradient kernel to compare: the launched one first."""
+
+
+def _cases(tokens: int, dim: int, hidden: int, device: torch.device) -> list[tuple[str, int, Callable[[], object]]]:
+    """(name, bytes moved, call) of each cast a block's step makes, and of the tile variants."""
+    g = torch.Generator(device=device).manual_seed(0)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    scale = torch.ones((), device=device)
+    slot = torch.zeros(1, device=device)
+    e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+    h = torch.randn(tokens, 2 * hidden, generator=g, **bf16)
+    dg = torch.randn(tokens, hidden, generator=g, **bf16)
+    cases = []
+    for name, rows, cols, fp8, sums in (("cast weight qkv", 3 * dim, dim, e4m3, None),
+                                        ("cast weight w12", 2 * hidden, dim, e4m3, None),
+                                        ("cast gradient qkv (+ bias sums)", tokens, 3 * dim, e5m2, torch.bfloat16),
+                                        ("cast gradient proj (+ bias sums)", tokens, dim, e5m2, torch.bfloat16)):
+        x = torch.randn(rows, cols, generator=g, **bf16)
+        cases.append((name, rows * cols * 4,
+                      lambda x=x, fp8=fp8, sums=sums: fp8_cast_kernel.cast_transpose(x, scale, fp8, slot, sums)))
+    cases.append(("swiglu activation cast", tokens * hidden * 6,
+                  lambda: fp8_cast_kernel.swiglu_cast(h, scale, e4m3, slot)))
+    x8 = torch.zeros(tokens, dim, device=device, dtype=e4m3)
+    cases.append(("transpose input", tokens * dim * 2, lambda: fp8_cast_kernel.transpose(x8)))
+    for tile in SWIGLU_BACKWARD_TILES:
+        cases.append((f"swiglu gradient cast, tile {tile[0]}x{tile[1]} {tile[2]} warps", tokens * hidden * 10,
+                      lambda tile=tile: fp8_cast_kernel.swiglu_backward_cast(h, dg, scale, e5m2, slot, torch.bfloat16,
+                                                                             tile)))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32 * 256)
+    parser.add_argument("--dim", type=int, default=1536)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", default=None, metavar="FILE")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for name, nbytes, call in _cases(args.tokens, args.dim, args.hidden, device):
+        call()  # compile
+        seconds = statistics.median(_timed(call, device) for _ in range(args.repeats))
+        rows.append({"kernel": name, "us": seconds * 1e6, "bytes": nbytes, "tb_per_s": nbytes / seconds / 1e12})
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton's interpreter: not a figure)"
+    print(f"{name}, {args.tokens} tokens, width {args.dim}, SwiGLU width {args.hidden}")
+    print("| kernel | us/call | MB | TB/s |\n|---|---|---|---|")
+    print("\n".join(f"| {r['kernel']} | {r['us']:.1f} | {r['bytes'] / 1e6:.1f} | {r['tb_per_s']:.2f} |" for r in rows))
+    if args.json:
+        atomic_write_bytes(Path(args.json), (json.dumps({"device": name, "rows": rows}, indent=2) + "\n").encode())
+
+
+if __name__ == "__main__":
+    main()
