@@ -43,6 +43,7 @@ def _tiles(differ: torch.Tensor, tile: int = 64) -> list[tuple[int, int, float]]
 
 
 def _report(name: str, got, again, want, inputs: list[torch.Tensor], before: list[torch.Tensor]) -> None:
+    torch.cuda.synchronize()  # a launch error surfaces here, named by this probe, not later
     for label, k, k2, r in zip(("cast", "transposed"), got[:2], again[:2], want[:2]):
         kb, rb = k.view(torch.uint8), r.view(torch.uint8)
         differ = kb != rb
