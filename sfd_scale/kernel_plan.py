@@ -92,19 +92,17 @@ def recording_backend(device_type: str = "cpu") -> Iterator[tuple[Callable, list
     from torch._inductor.runtime import hints
 
     plans: list[GraphPlan] = []
+    codegen = scheduler.Scheduler.codegen
     if device_type == "cuda":
-        generate = scheduler.Scheduler.codegen
-
         def record_then_generate(self) -> None:
             plans.append(GraphPlan(tuple(k for k in map(_kernel_of, self.nodes) if k is not None)))
-            return generate(self)
+            return codegen(self)
 
         with (mock.patch.object(scheduler.Scheduler, "codegen", record_then_generate),
               inductor_config.patch(fx_graph_cache=False)):
             yield compile_fx, plans
         return
     create = hints.DeviceProperties.create
-    codegen = scheduler.Scheduler.codegen
     h100 = hints.DeviceProperties(**H100)
 
     def device_properties(device: torch.device):
@@ -175,6 +173,8 @@ def plan_block(model_cfg: ModelConfig, batch_size: int, fp8: str = "none", bf16_
     c = torch.randn(batch_size, size.hidden_size, device=device)
 
     def train_step() -> None:
+        for tensor in (x, *holder.parameters()):  # as the trainer zeroes them: no gradient accumulation kernels
+            tensor.grad = None
         with torch.autocast(device, dtype=torch.bfloat16):
             out = block(x, c, rope)
         out.float().square().mean().backward()
