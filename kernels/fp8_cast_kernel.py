@@ -40,8 +40,11 @@ def _add(a, b):
 
 @triton.jit
 def _max(a, b):
-    # NaN wins, as in torch.amax (the GPU's max instruction would return the other operand).
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    # NaN wins, as in torch.amax. A compare and select, not tl.maximum(propagate_nan=ALL): that
+    # lowers to max.NaN.f32, and Triton can miscompile an FP8 store in a kernel holding it (garbage
+    # bytes, deterministic per tile and shape; triton-lang/triton#11111 on Hopper). The likely cause
+    # of these kernels' failed CUDA tests (docs/benchmarks.md, session 10).
+    return tl.where((a > b) | (a != a), a, b)
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 (scripts/gpu_session.sh runs them as steps `fp8_probe` and `sums_probe`):
 
   python scripts/gpu_probes.py fp8     # where our FP8 cast kernels and their twins disagree
-  python scripts/gpu_probes.py sums    # which operator runs an fp32 sum per RMSNorm weight
+  python scripts/gpu_probes.py sums    # the fp32 sum per RMSNorm weight: mix-order reduction on/off
 
 `fp8`: on the H100 the kernel tests failed at the tests' small shapes (a SwiGLU cast of 100 rows:
 rows 0-63 wrong, 64-99 right; a 96 x 64 weight cast: some columns of an FP8 linear's input gradient
@@ -10,9 +10,14 @@ wrong), while a plain cast of 100 x 70 matched bit for bit. For each op and shap
 share of FP8 bytes that differ from the twin, which 64 x 64 tiles differ, whether the kernel gives
 the same bytes twice, and whether it left its input intact. Outputs are allocated over memory
 filled with a marker byte first, so bytes a kernel never wrote show up as that marker.
-`sums`: each block's backward launches four fp32 `sum` reductions outside inductor's kernels (the
-GPU kernel plan, `launchers/kernel_plan.py --device cuda`), 1.5 ms a step on the H100; this prints
-every aten::sum of one compiled block's step with its shapes and Python stack.
+`sums`: each block's backward launches four fp32 ATen `sum` reductions (15 us each, 1.6 ms a step
+on the H100), beside inductor's kernels. Session 11's reading of inductor (no GPU): its mix-order
+reduction, on by default on CUDA, fuses an RMSNorm backward's row reduction (dx) with its weight's
+column reduction (dw) and finishes the per-split partial sums with `.sum(dim=0)` in the compiled
+graph's wrapper: an ATen reduction per RMSNorm weight (norm1, q_norm, k_norm, norm2). This
+compiles XXL's block at batch 32 as inductor's default does, without the fusion, and with fewer,
+larger splits, and prints for each the mix-order kernels compiled, the ATen sums launched, the
+block step's kernel time and its costliest kernels.
 """
 from __future__ import annotations
 
@@ -98,47 +103,62 @@ def probe_fp8() -> None:
 
 
 def probe_sums() -> None:
+    from torch._inductor import config as inductor_config
+    from torch._inductor import metrics
     from torch.profiler import ProfilerActivity, profile
 
     from sfd_scale.models.layers import Rope2D
     from sfd_scale.models.lightningdit import LightningDiTBlock
     from sfd_scale.parallel.engine import attach_bf16_weights
 
-    holder = nn.Module()
-    holder.blocks = nn.ModuleList([LightningDiTBlock(1536, 24, 4.0, "sdpa")])  # XXL's width, batch 2
-    holder.to(DEVICE)
-    attach_bf16_weights(holder)
-    block = holder.blocks[0]
-    rope = Rope2D(64, 16).to(DEVICE)
-    x = torch.randn(2, 256, 1536, device=DEVICE, requires_grad=True)
-    c = torch.randn(2, 1536, device=DEVICE)
-    block.compile()
+    # Inductor's default, without the fusion, and with fewer splits (a smaller final sum: the
+    # default picks ~8 splits per SM, at least 16 rows each).
+    settings = {"default": {}, "no mix-order": {"triton.mix_order_reduction": False},
+                "split 64": {"triton.mix_order_reduction_split_size": 64},
+                "split 128": {"triton.mix_order_reduction_split_size": 128}}
+    for label, setting in settings.items():
+        torch._dynamo.reset()
+        metrics.reset()
+        holder = nn.Module()
+        holder.blocks = nn.ModuleList([LightningDiTBlock(1536, 24, 4.0, "sdpa")])  # XXL's block at batch 32
+        holder.to(DEVICE)
+        attach_bf16_weights(holder)
+        block = holder.blocks[0]
+        rope = Rope2D(64, 16).to(DEVICE)
+        x = torch.randn(32, 256, 1536, device=DEVICE, requires_grad=True)
+        c = torch.randn(32, 1536, device=DEVICE)
+        block.compile()
 
-    def step() -> None:
-        for p in block.parameters():
-            p.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = block(x, c, rope)
-        out.float().square().mean().backward()
+        def step() -> None:
+            for p in (x, *block.parameters()):
+                p.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = block(x, c, rope)
+            out.float().square().mean().backward()
 
-    step()
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True) as prof:
-        step()
-        torch.cuda.synchronize()
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CPU and event.name in ("aten::sum", "aten::sum_to_size"):
-            chain, parent = [], event.cpu_parent
-            while parent is not None and len(chain) < 5:
-                chain.append(parent.name)
-                parent = parent.cpu_parent
-            print(f"{event.name} {event.input_shapes} < {' < '.join(chain)}", flush=True)
-            print("    " + " | ".join(event.stack[:8]), flush=True)
-    sums = sum("reduce_kernel" in e.name and "sum_functor" in e.name for e in prof.events())
-    print(f"fp32 sum kernels in the step: {sums}")
-    print("fp32 parameters' gradients:", [(n, tuple(p.grad.shape)) for n, p in block.named_parameters()
-                                         if p.dtype == torch.float32])
+        with inductor_config.patch(setting):
+            step()
+            step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
+                         with_stack=True) as prof:
+                step()
+                torch.cuda.synchronize()
+        events = prof.events()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        sums = [e for e in kernels if "reduce_kernel" in e.name and "sum_functor" in e.name]
+        print(f"{label}: {metrics.codegen_mix_order_reduction} mix-order kernels compiled, "
+              f"{len(sums)} ATen sum kernels ({sum(e.device_time for e in sums):.1f} us), all kernels "
+              f"{sum(e.device_time for e in kernels):.1f} us in one block's step", flush=True)
+        for event in events:
+            if event.device_type == torch.autograd.DeviceType.CPU and event.name in ("aten::sum", "aten::sum_to_size"):
+                chain, parent = [], event.cpu_parent
+                while parent is not None and len(chain) < 5:
+                    chain.append(parent.name)
+                    parent = parent.cpu_parent
+                print(f"    {event.name} {event.input_shapes} < {' < '.join(chain)}", flush=True)
+        for e in sorted(kernels, key=lambda e: -e.device_time)[:12]:
+            print(f"    {e.device_time:8.1f} us  {e.name[:110]}", flush=True)
 
 
 if __name__ == "__main__":

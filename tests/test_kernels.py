@@ -5,6 +5,7 @@ without Triton those tests skip. The twins are checked against the model's own m
 a kernel that equals its twin equals the model.
 """
 import copy
+import re
 
 import pytest
 import torch
@@ -17,6 +18,10 @@ from fixtures import triton_interpreter_without_gpu  # noqa: F401  (autouse, mod
 
 needs_triton = pytest.mark.skipif(not triton_installed(), reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP8_SHAPES = [(100, 70), (128, 96)]
+"""(rows, columns) the FP8 kernel tests cast: partial tiles on both axes, and sizes divisible by 16
+as XXL's are. On a GPU Triton compiles each kind apart (it specialises sizes divisible by 16 into
+wider accesses), and a miscompile can hit one and spare the other (docs/benchmarks.md, session 10)."""
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -20, torch.bfloat16: 2.0 ** -8}
 """Allowed error beyond twice the twin's, relative to the largest true value: a few units in the
 last place of the inputs' dtype. (Triton's interpreter rounds float32 -> bfloat16 toward zero, a
@@ -142,14 +147,16 @@ def test_rope_refuses_what_it_cannot_do():
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fp8_dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
-def test_fp8_cast_transpose_kernel(dtype, fp8_dtype):
+@pytest.mark.parametrize("shape", FP8_SHAPES)
+def test_fp8_cast_transpose_kernel(dtype, fp8_dtype, shape):
     from sfd_scale.kernels.fp8_cast import fp8_cast_transpose
     from sfd_scale.kernels.reference import fp8_cast_transpose_reference
 
-    # 100 x 70: partial tiles on both axes; a few values beyond the FP8 range saturate.
+    # A few values beyond the FP8 range saturate.
+    rows, cols = shape
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(100, 70, generator=g) * 3).to(DEVICE, dtype)
-    x[3, 5], x[97, 69] = 1e6, -1e6
+    x = (torch.randn(rows, cols, generator=g) * 3).to(DEVICE, dtype)
+    x[3, 5], x[rows - 3, cols - 1] = 1e6, -1e6
     scale = torch.tensor(torch.finfo(fp8_dtype).max / 4e5, device=DEVICE)
     for sums_dtype in (dtype, None):
         slots = torch.full((2, 3), -1.0, device=DEVICE)  # the amax lands in the slot, nowhere else
@@ -158,7 +165,7 @@ def test_fp8_cast_transpose_kernel(dtype, fp8_dtype):
         for name, k, r in zip(("cast", "transposed"), got[:2], want[:2]):
             assert k.dtype == fp8_dtype and k.shape == r.shape, name
             assert torch.equal(k.view(torch.uint8), r.view(torch.uint8)), name   # bit for bit
-        assert got[0][3, 5].item() == torch.finfo(fp8_dtype).max and got[1][69, 97].item() < 0
+        assert got[0][3, 5].item() == torch.finfo(fp8_dtype).max and got[1][cols - 1, rows - 3].item() < 0
         assert torch.equal(slots[:, 1], x.abs().amax().float().expand(2))      # amax: exact
         assert (slots[:, [0, 2]] == -1).all()
         assert got[2].shape == want[2].shape and got[2].dtype == want[2].dtype
@@ -191,14 +198,16 @@ def test_fp8_transpose_kernel_moves_every_byte(fp8_dtype):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_swiglu_backward_cast_kernel(dtype):
+@pytest.mark.parametrize("shape", FP8_SHAPES)
+def test_fp8_swiglu_backward_cast_kernel(dtype, shape):
     from sfd_scale.kernels.fp8_cast import fp8_swiglu_backward_cast
     from sfd_scale.kernels.reference import fp8_swiglu_backward_cast_reference, swiglu_backward_reference
 
-    # 100 rows, hidden 70: partial tiles on both axes, the gate and value halves at their offsets.
+    # h (rows, 2 x hidden): the gate and value halves at their offsets.
+    rows, hidden = shape
     g = torch.Generator().manual_seed(0)
-    h = (torch.randn(100, 140, generator=g) * 3).to(DEVICE, dtype)
-    dg = torch.randn(100, 70, generator=g).to(DEVICE, dtype)
+    h = (torch.randn(rows, 2 * hidden, generator=g) * 3).to(DEVICE, dtype)
+    dg = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
     fp8 = torch.float8_e5m2
     scale = torch.tensor(torch.finfo(fp8).max / 40.0, device=DEVICE)
     slots = torch.full((2,), -1.0, device=DEVICE)
@@ -217,7 +226,7 @@ def test_fp8_swiglu_backward_cast_kernel(dtype):
     assert got[2].dtype == dtype
     torch.testing.assert_close(got[2].float(), dh.sum(0), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
     with pytest.raises(ValueError, match=r"h \(rows, 2H\) and dg \(rows, H\)"):
-        fp8_swiglu_backward_cast(h, dg[:, :69], scale, fp8, slots[0:1], None)
+        fp8_swiglu_backward_cast(h, dg[:, 1:], scale, fp8, slots[0:1], None)
 
 
 @needs_triton
@@ -287,12 +296,14 @@ def test_fp8_swiglu_through_the_kernels_is_close_to_the_twins():
 
 
 @needs_triton
-def test_fp8_swiglu_cast_kernel():
+@pytest.mark.parametrize("shape", FP8_SHAPES)
+def test_fp8_swiglu_cast_kernel(shape):
     from sfd_scale.kernels.fp8_cast import fp8_swiglu_cast
     from sfd_scale.kernels.reference import fp8_swiglu_cast_reference, swiglu_reference
 
+    rows, hidden = shape
     g = torch.Generator().manual_seed(0)
-    h = (torch.randn(100, 140, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    h = (torch.randn(rows, 2 * hidden, generator=g) * 3).to(DEVICE, torch.bfloat16)
     fp8 = torch.float8_e4m3fn
     scale = torch.tensor(torch.finfo(fp8).max / 20.0, device=DEVICE)
     slots = torch.full((2,), -1.0, device=DEVICE)
@@ -303,10 +314,10 @@ def test_fp8_swiglu_cast_kernel():
         differ = k.view(torch.uint8) != r.view(torch.uint8)  # exp's last bit, across a rounding boundary
         assert differ.float().mean() < 0.01, name
         assert ((k.view(torch.uint8).int() - r.view(torch.uint8).int()).abs() <= 1).all(), name
-    assert got[0].shape == (100, 70) and torch.equal(got[1].float(), got[0].float().t())
+    assert got[0].shape == (rows, hidden) and torch.equal(got[1].float(), got[0].float().t())
     torch.testing.assert_close(slots, swiglu_reference(h.float()).abs().amax().expand(2), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match=r"h \(rows, 2H\)"):
-        fp8_swiglu_cast(h[:, :139], scale, fp8, slots[0:1])
+        fp8_swiglu_cast(h[:, 1:], scale, fp8, slots[0:1])
 
 
 def _fp8_layer_grads(layers, x: torch.Tensor, width: int) -> list[tuple[torch.Tensor, ...]]:
@@ -320,6 +331,13 @@ def _fp8_layer_grads(layers, x: torch.Tensor, width: int) -> list[tuple[torch.Te
             (layer(xi).float() * torch.linspace(-1, 1, width, device=DEVICE)).sum().backward()
         grads.append((xi.grad, layer.weight.grad, layer.bias.grad, layer.fp8_grad_amax_history.clone()))
     return grads
+
+
+def _nan_min_max(ptx: str) -> list[str]:
+    """The NaN-propagating min/max instructions in `ptx`. The FP8 kernels must hold none: with one
+    in the kernel, Triton can miscompile a transposed FP8 store on Hopper (triton-lang/triton#11111;
+    these kernels' CUDA tests failed so, docs/benchmarks.md, session 10)."""
+    return re.findall(r"\b(?:min|max)(?:\.\w+)*\.NaN\S*", ptx)
 
 
 @needs_triton
@@ -341,6 +359,7 @@ def test_fp8_cast_transpose_writes_both_layouts_in_128_bit_stores(monkeypatch):
                      attrs=aligned, helpers=("_add", "_max"))
     assert ptx.count("ld.global.v4.b32") == 4 and ptx.count("st.global.v4.b32") == 4  # 64 B in, 2 x 32 B out
     assert "cvt.rn.satfinite.e5m2x2.f32" in ptx and "st.global.b8" not in ptx
+    assert not _nan_min_max(ptx)
 
 
 @needs_triton
@@ -371,6 +390,7 @@ def test_fp8_swiglu_kernels_compile_for_hopper_with_wide_accesses(monkeypatch, k
                      attrs={(i,): [["tt.divisibility", 16]] for i in pointers_and_sizes}, helpers=helpers)
     assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
     assert "cvt.rn.satfinite.e5m2x2.f32" in ptx and "st.global.b8" not in ptx
+    assert not _nan_min_max(ptx)
 
 
 @needs_triton
@@ -408,7 +428,7 @@ def test_fp8_cast_finish_kernel_compiles_for_hopper_and_writes_bf16_sums(monkeyp
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(7)}  # pointers and counts, as at XXL's sizes
     ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, "_finish_kernel", signature, {"COLUMN_SUMS": True, **tiles},
                      attrs=aligned, helpers=("_add", "_max"))
-    assert "max.NaN.f32" in ptx and "cvt.rn.bf16" in ptx
+    assert not _nan_min_max(ptx) and "selp" in ptx and "cvt.rn.bf16" in ptx
     assert "ld.global.v4.b32" in ptx and "ld.global.b32" not in ptx  # 16-byte loads of the partials
 
 

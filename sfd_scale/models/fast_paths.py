@@ -349,8 +349,10 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
     log.info("FP8 (delayed scaling, ours): %d linear layers, %d SwiGLUs fused with their casts; casts by %s",
              len(chosen), fused, "the Triton kernels" if kernels else "PyTorch")
     if kernels and device.type == "cuda":
-        log.warning("FP8 (delayed) is experimental: its cast kernels failed their CUDA tests at small shapes on an "
-                    "H100 (2026-11-27, cause open; docs/benchmarks.md, session 10); check its loss curve "
+        log.warning("FP8 (delayed) is experimental: its cast kernels failed their CUDA tests on an H100 "
+                    "(2026-11-27); their likely cause, a Triton miscompile around a NaN-propagating max, is "
+                    "removed but not yet verified on a GPU (docs/benchmarks.md, sessions 10 and 11): run "
+                    "tests/test_kernels.py -k fp8 on this GPU and check the loss curve "
                     "(launchers/compare_precision.py) before training with it")
     return len(chosen)
 
