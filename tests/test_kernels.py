@@ -296,6 +296,59 @@ def test_fp8_swiglu_through_the_kernels_is_close_to_the_twins():
 
 
 @needs_triton
+def test_the_start_up_check_finds_the_fp8_kernels_equal_to_their_twins_here():
+    # What `model.fp8: delayed` runs before it trusts the kernels on a device (on a GPU: the very
+    # binaries a step launches).
+    from sfd_scale.kernels.fp8_check import fp8_kernel_failures
+
+    assert fp8_kernel_failures(torch.device(DEVICE)) == []
+
+
+@needs_triton
+def test_the_start_up_check_names_a_kernel_that_writes_wrong_bytes(monkeypatch):
+    # As on the H100 on 2026-11-27: the SwiGLU cast's first 64 rows wrong, the rest right.
+    from sfd_scale.kernels import fp8_cast_kernel, fp8_check
+
+    right = fp8_cast_kernel.swiglu_cast
+
+    def first_row_block_wrong(*args):
+        cast, cast_t = right(*args)
+        wrong = cast.view(torch.uint8)[:64] ^ 0x21
+        cast.view(torch.uint8)[:64] = wrong
+        return cast, cast_t
+
+    monkeypatch.setattr(fp8_cast_kernel, "swiglu_cast", first_row_block_wrong)
+    monkeypatch.setattr(fp8_check, "INPUT_DTYPES", (torch.bfloat16,))
+    failures = fp8_check.fp8_kernel_failures(torch.device(DEVICE))
+    assert len(failures) == 1 and failures[0].startswith("fp8_swiglu_cast(bfloat16 128x128 -> torch.float8_e4m3fn)")
+    assert "cast: 50.0% of the bytes differ (allowed 1%)" in failures[0] and "transposed" not in failures[0]
+
+
+@needs_triton
+@pytest.mark.parametrize("failures", [(), ("fp8_swiglu_cast(...): cast: 48.0% of the bytes differ",)])
+def test_delayed_fp8_casts_with_the_kernels_only_where_they_passed_the_check(monkeypatch, caplog, failures):
+    from sfd_scale.kernels import fp8_cast, reference
+    from sfd_scale.models import fast_paths
+    from sfd_scale.models.fp8_delayed import Float8DelayedLinear, Float8DelayedSwiGLU
+    from sfd_scale.models.lightningdit import LightningDiTBlock
+
+    monkeypatch.setattr(fast_paths, "fp8_kernel_failures", lambda device: failures)
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([LightningDiTBlock(96, 2, 4.0, "sdpa")])  # every linear FP8-sized
+    with caplog.at_level("WARNING", logger=fast_paths.log.name):
+        assert fast_paths.apply_fp8(model, "delayed", torch.device(DEVICE)) == 4
+    linears = [m for m in model.modules() if isinstance(m, Float8DelayedLinear)]
+    (mlp,) = [m for m in model.modules() if isinstance(m, Float8DelayedSwiGLU)]
+    if failures:
+        assert all(m.cast_transpose is reference.fp8_cast_transpose_reference for m in linears)
+        assert mlp.swiglu_cast is reference.fp8_swiglu_cast_reference
+        assert "disagree with their PyTorch twins" in caplog.text and failures[0] in caplog.text
+    else:
+        assert all(m.cast_transpose is fp8_cast.fp8_cast_transpose for m in linears)
+        assert mlp.swiglu_cast is fp8_cast.fp8_swiglu_cast and not caplog.records
+
+
+@needs_triton
 @pytest.mark.parametrize("shape", FP8_SHAPES)
 def test_fp8_swiglu_cast_kernel(shape):
     from sfd_scale.kernels.fp8_cast import fp8_swiglu_cast

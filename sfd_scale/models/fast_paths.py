@@ -323,8 +323,13 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
 
     # The weights' and output gradients' casts to both FP8 layouts, and a SwiGLU's activation and
     # its gradient with theirs: our Triton kernels where Triton runs (one read of a tensor instead
-    # of several), else the same arithmetic in PyTorch.
+    # of several) and they match their twins on this device, else the same arithmetic in PyTorch.
     kernels = fused_kernels_unavailable(device) is None
+    if kernels and (failures := fp8_kernel_failures(str(device))):
+        log.warning("FP8 (delayed): our Triton cast kernels disagree with their PyTorch twins on %s, so the casts "
+                    "run in PyTorch (correct, slower). Triton %s miscompiles them here (docs/benchmarks.md, "
+                    "sessions 10 and 11): %s", _device_name(device), _triton_version(), " | ".join(failures))
+        kernels = False
     if kernels:
         from sfd_scale.kernels import fp8_cast as ops
         cast_transpose, swiglu_ops = ops.fp8_cast_transpose, (ops.fp8_swiglu_cast, ops.fp8_swiglu_backward_cast)
@@ -347,14 +352,28 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
             fused += 1
     register_fold_hook(model)  # the histories and scales move on once a step, for all layers at once
     log.info("FP8 (delayed scaling, ours): %d linear layers, %d SwiGLUs fused with their casts; casts by %s",
-             len(chosen), fused, "the Triton kernels" if kernels else "PyTorch")
-    if kernels and device.type == "cuda":
-        log.warning("FP8 (delayed) is experimental: its cast kernels failed their CUDA tests on an H100 "
-                    "(2026-11-27); their likely cause, a Triton miscompile around a NaN-propagating max, is "
-                    "removed but not yet verified on a GPU (docs/benchmarks.md, sessions 10 and 11): run "
-                    "tests/test_kernels.py -k fp8 on this GPU and check the loss curve "
-                    "(launchers/compare_precision.py) before training with it")
+             len(chosen), fused, "the Triton kernels (they match their PyTorch twins here: start-up check)"
+             if kernels else "PyTorch")
     return len(chosen)
+
+
+@functools.cache
+def fp8_kernel_failures(device: str) -> tuple[str, ...]:
+    """How our FP8 cast kernels disagree with their PyTorch twins on `device` (empty: they agree),
+    checked once per process and device (`sfd_scale.kernels.fp8_check`)."""
+    from sfd_scale.kernels.fp8_check import fp8_kernel_failures as check
+
+    return tuple(check(torch.device(device)))
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} (Triton's interpreter)"
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 # ----------------------------------------------------------------------------------------------
