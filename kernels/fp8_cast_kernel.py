@@ -8,6 +8,7 @@ transpose of an FP8 matrix. Uses Triton builtins only: see the package docstring
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
@@ -15,13 +16,27 @@ import triton.language as tl
 
 from sfd_scale.kernels import triton_interpreting
 
-_BLOCK_ROWS = 64
-_BLOCK_COLS = 64
-SWIGLU_BACKWARD_TILE = (64, 32, 8)
-"""(rows, columns, warps) of the SwiGLU gradient kernel's programs: 64 x 64 with 4 warps held 201
-registers a thread (sm_90 ptxas), so an SM ran 8 warps and the kernel moved ~1.9 TB/s on an H200;
-64 x 32 with 8 warps holds 80, and an SM runs 24 warps (launchers/bench_fp8_kernels.py compares
-tiles on a GPU)."""
+
+class Tile(NamedTuple):
+    """How a cast kernel's programs cover a matrix: blocks of `rows` x `cols`, `warps` a program,
+    `row_blocks` blocks down a column strip per program (a loop whose amax and column sums
+    accumulate in registers: fewer programs, reductions and partials), that loop software-pipelined
+    over `stages` (Triton's num_stages; 1: not pipelined). launchers/bench_fp8_kernels.py compares
+    tiles on a GPU."""
+
+    rows: int
+    cols: int
+    warps: int
+    row_blocks: int = 1
+    stages: int = 1
+
+
+CAST_TILE = Tile(64, 64, 4)
+"""The cast-transpose's and the SwiGLU activation cast's programs."""
+SWIGLU_BACKWARD_TILE = Tile(64, 32, 8)
+"""The SwiGLU gradient kernel's programs: 64 x 64 with 4 warps held 201 registers a thread (sm_90
+ptxas), so an SM ran 8 warps and the kernel moved ~1.9 TB/s on an H200; 64 x 32 with 8 warps
+holds 80, and an SM runs 24 warps."""
 _FINISH_AMAX_BLOCK = 16384
 """Most amax partials the finishing kernel loads at once: all of them at XXL's sizes (<= 16,384)."""
 _FINISH_SUM_ROWS = 128
@@ -49,75 +64,97 @@ def _max(a, b):
 
 @triton.jit
 def _cast_transpose_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, colsum_part_ptr, rows, cols,
-                           fp8_max, COLUMN_SUMS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    row_block = tl.program_id(0)
+                           fp8_max, COLUMN_SUMS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                           ROW_BLOCKS: tl.constexpr, STAGES: tl.constexpr):
+    # A program casts ROW_BLOCKS blocks down one column strip; its amax and column sums accumulate
+    # elementwise and are reduced once, after the loop.
+    row_group = tl.program_id(0)
     col_block = tl.program_id(1)
-    r = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     c = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    mask = (r[:, None] < rows) & (c[None, :] < cols)
-    x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = tl.minimum(tl.maximum(x * tl.load(scale_ptr), -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + r[:, None] * cols + c[None, :], y, mask=mask)
-    # The transposed store: Triton stages the tile through shared memory so each row of out_t is
-    # written contiguously.
-    tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y, mask=mask)
-    tile_amax = tl.reduce(tl.reduce(tl.abs(x), 1, _max), 0, _max)
-    tl.store(amax_part_ptr + row_block * tl.num_programs(1) + col_block, tile_amax)
+    scale = tl.load(scale_ptr)
+    largest = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
+    total = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
+    for i in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
+        r = (row_group * ROW_BLOCKS + i) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        mask = (r[:, None] < rows) & (c[None, :] < cols)
+        x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.minimum(tl.maximum(x * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r[:, None] * cols + c[None, :], y, mask=mask)
+        # The transposed store: Triton stages the tile through shared memory so each row of out_t
+        # is written contiguously.
+        tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y, mask=mask)
+        largest = _max(largest, tl.abs(x))
+        if COLUMN_SUMS:
+            total += x
+    tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block,
+             tl.reduce(tl.reduce(largest, 1, _max), 0, _max))
     if COLUMN_SUMS:
-        tl.store(colsum_part_ptr + row_block * cols + c, tl.reduce(x, 0, _add), mask=c < cols)
+        tl.store(colsum_part_ptr + row_group * cols + c, tl.reduce(total, 0, _add), mask=c < cols)
 
 
 @triton.jit
 def _swiglu_cast_kernel(h_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, rows, hidden, fp8_max,
-                        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+                        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+                        STAGES: tl.constexpr):
     # silu(gate) * value of h = [gate | value] in float32, cast like `_cast_transpose_kernel` casts
     # a given matrix (the activation itself is never written in h's dtype).
-    row_block = tl.program_id(0)
+    row_group = tl.program_id(0)
     col_block = tl.program_id(1)
-    r = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     c = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    mask = (r[:, None] < rows) & (c[None, :] < hidden)
-    gate = tl.load(h_ptr + r[:, None] * 2 * hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    value = tl.load(h_ptr + r[:, None] * 2 * hidden + hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    a = gate / (1.0 + tl.exp(-gate)) * value
-    y = tl.minimum(tl.maximum(a * tl.load(scale_ptr), -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + r[:, None] * hidden + c[None, :], y, mask=mask)
-    tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y, mask=mask)
-    tl.store(amax_part_ptr + row_block * tl.num_programs(1) + col_block,
-             tl.reduce(tl.reduce(tl.abs(a), 1, _max), 0, _max))
+    scale = tl.load(scale_ptr)
+    largest = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
+    for i in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
+        r = (row_group * ROW_BLOCKS + i) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        mask = (r[:, None] < rows) & (c[None, :] < hidden)
+        gate = tl.load(h_ptr + r[:, None] * 2 * hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        value = tl.load(h_ptr + r[:, None] * 2 * hidden + hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = gate / (1.0 + tl.exp(-gate)) * value
+        y = tl.minimum(tl.maximum(a * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r[:, None] * hidden + c[None, :], y, mask=mask)
+        tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y, mask=mask)
+        largest = _max(largest, tl.abs(a))
+    tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block,
+             tl.reduce(tl.reduce(largest, 1, _max), 0, _max))
 
 
 @triton.jit
 def _swiglu_backward_cast_kernel(h_ptr, dg_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, colsum_part_ptr, rows,
                                  hidden, fp8_max, COLUMN_SUMS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                                 BLOCK_COLS: tl.constexpr):
+                                 BLOCK_COLS: tl.constexpr, ROW_BLOCKS: tl.constexpr, STAGES: tl.constexpr):
     # The gradient of w12's output h = [gate | value] from the SwiGLU's output gradient dg, cast
     # like `_cast_transpose_kernel` casts a given matrix: the tile's gate and value columns at once.
-    row_block = tl.program_id(0)
+    row_group = tl.program_id(0)
     col_block = tl.program_id(1)
-    r = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     c = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    mask = (r[:, None] < rows) & (c[None, :] < hidden)
     width = 2 * hidden
-    gate = tl.load(h_ptr + r[:, None] * width + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    value = tl.load(h_ptr + r[:, None] * width + hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    dg = tl.load(dg_ptr + r[:, None] * hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    sig = 1.0 / (1.0 + tl.exp(-gate))
-    d_gate = dg * value * sig * (1.0 + gate * (1.0 - sig))  # d silu(g)/dg = sig * (1 + g * (1 - sig))
-    d_value = dg * gate * sig
     scale = tl.load(scale_ptr)
-    cast_gate = tl.minimum(tl.maximum(d_gate * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
-    cast_value = tl.minimum(tl.maximum(d_value * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + r[:, None] * width + c[None, :], cast_gate, mask=mask)
-    tl.store(out_ptr + r[:, None] * width + hidden + c[None, :], cast_value, mask=mask)
-    tl.store(out_t_ptr + c[None, :] * rows + r[:, None], cast_gate, mask=mask)
-    tl.store(out_t_ptr + (hidden + c[None, :]) * rows + r[:, None], cast_value, mask=mask)
-    tile_amax = _max(tl.reduce(tl.reduce(tl.abs(d_gate), 1, _max), 0, _max),
-                     tl.reduce(tl.reduce(tl.abs(d_value), 1, _max), 0, _max))
-    tl.store(amax_part_ptr + row_block * tl.num_programs(1) + col_block, tile_amax)
+    largest = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
+    total_gate = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
+    total_value = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
+    for i in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
+        r = (row_group * ROW_BLOCKS + i) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        mask = (r[:, None] < rows) & (c[None, :] < hidden)
+        gate = tl.load(h_ptr + r[:, None] * width + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        value = tl.load(h_ptr + r[:, None] * width + hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        dg = tl.load(dg_ptr + r[:, None] * hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-gate))
+        d_gate = dg * value * sig * (1.0 + gate * (1.0 - sig))  # d silu(g)/dg = sig * (1 + g * (1 - sig))
+        d_value = dg * gate * sig
+        cast_gate = tl.minimum(tl.maximum(d_gate * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
+        cast_value = tl.minimum(tl.maximum(d_value * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r[:, None] * width + c[None, :], cast_gate, mask=mask)
+        tl.store(out_ptr + r[:, None] * width + hidden + c[None, :], cast_value, mask=mask)
+        tl.store(out_t_ptr + c[None, :] * rows + r[:, None], cast_gate, mask=mask)
+        tl.store(out_t_ptr + (hidden + c[None, :]) * rows + r[:, None], cast_value, mask=mask)
+        largest = _max(largest, _max(tl.abs(d_gate), tl.abs(d_value)))
+        if COLUMN_SUMS:
+            total_gate += d_gate
+            total_value += d_value
+    tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block,
+             tl.reduce(tl.reduce(largest, 1, _max), 0, _max))
     if COLUMN_SUMS:
-        tl.store(colsum_part_ptr + row_block * width + c, tl.reduce(d_gate, 0, _add), mask=c < hidden)
-        tl.store(colsum_part_ptr + row_block * width + hidden + c, tl.reduce(d_value, 0, _add), mask=c < hidden)
+        tl.store(colsum_part_ptr + row_group * width + c, tl.reduce(total_gate, 0, _add), mask=c < hidden)
+        tl.store(colsum_part_ptr + row_group * width + hidden + c, tl.reduce(total_value, 0, _add), mask=c < hidden)
 
 
 @triton.jit
@@ -160,40 +197,44 @@ def _finish_kernel(amax_part_ptr, parts, amax_out_ptr, colsum_part_ptr, sums_ptr
 
 
 def cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
-                   sums_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`sfd_scale.kernels.fp8_cast.fp8_cast_transpose` on a contiguous matrix, by the kernels."""
+                   sums_dtype: torch.dtype | None, tile: Tile = CAST_TILE
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sfd_scale.kernels.fp8_cast.fp8_cast_transpose` on a contiguous matrix, by the kernels; another
+    `tile` is for launchers/bench_fp8_kernels.py's comparisons."""
     rows, cols = x.shape
-    return _launch(rows, cols, cols, fp8_dtype, amax_out, sums_dtype, x.device,
+    tile = Tile(*tile)
+    return _launch(rows, cols, cols, fp8_dtype, amax_out, sums_dtype, x.device, tile,
                    lambda grid, out, out_t, amax_part, colsum_part, fp8_max: _cast_transpose_kernel[grid](
                        x, scale, out, out_t, amax_part, colsum_part, rows, cols, fp8_max,
-                       COLUMN_SUMS=sums_dtype is not None, BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS))
+                       COLUMN_SUMS=sums_dtype is not None, **_constexprs(tile)))
 
 
-def swiglu_cast(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_cast(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
+                tile: Tile = CAST_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """`sfd_scale.kernels.fp8_cast.fp8_swiglu_cast` on a contiguous matrix, by the kernels."""
     rows, hidden = h.shape[0], h.shape[1] // 2
-    cast, cast_t, _ = _launch(rows, hidden, hidden, fp8_dtype, amax_out, None, h.device,
+    tile = Tile(*tile)
+    cast, cast_t, _ = _launch(rows, hidden, hidden, fp8_dtype, amax_out, None, h.device, tile,
                               lambda grid, out, out_t, amax_part, colsum_part, fp8_max: _swiglu_cast_kernel[grid](
-                                  h, scale, out, out_t, amax_part, rows, hidden, fp8_max,
-                                  BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS))
+                                  h, scale, out, out_t, amax_part, rows, hidden, fp8_max, **_constexprs(tile)))
     return cast, cast_t
 
 
 def swiglu_backward_cast(h: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
-                         amax_out: torch.Tensor, sums_dtype: torch.dtype | None,
-                         tile: tuple[int, int, int] = SWIGLU_BACKWARD_TILE
+                         amax_out: torch.Tensor, sums_dtype: torch.dtype | None, tile: Tile = SWIGLU_BACKWARD_TILE
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`sfd_scale.kernels.fp8_cast.fp8_swiglu_backward_cast` on contiguous matrices, by the kernels;
-    another `tile` (rows, columns, warps) is for launchers/bench_fp8_kernels.py's comparisons."""
+    """`sfd_scale.kernels.fp8_cast.fp8_swiglu_backward_cast` on contiguous matrices, by the kernels."""
     rows, hidden = dg.shape
-    block_rows, block_cols, warps = tile
-    return _launch(rows, 2 * hidden, hidden, fp8_dtype, amax_out, sums_dtype, h.device,
+    tile = Tile(*tile)
+    return _launch(rows, 2 * hidden, hidden, fp8_dtype, amax_out, sums_dtype, h.device, tile,
                    lambda grid, out, out_t, amax_part, colsum_part, fp8_max: _swiglu_backward_cast_kernel[grid](
                        h, dg, scale, out, out_t, amax_part, colsum_part, rows, hidden, fp8_max,
-                       COLUMN_SUMS=sums_dtype is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-                       num_warps=warps),
-                   block_rows=block_rows, block_cols=block_cols)
+                       COLUMN_SUMS=sums_dtype is not None, **_constexprs(tile)))
+
+
+def _constexprs(tile: Tile) -> dict[str, int]:
+    return dict(BLOCK_ROWS=tile.rows, BLOCK_COLS=tile.cols, ROW_BLOCKS=tile.row_blocks, STAGES=tile.stages,
+                num_warps=tile.warps)
 
 
 def transpose(x8: torch.Tensor) -> torch.Tensor:
@@ -220,18 +261,17 @@ def _check_offsets(rows: int, cols: int) -> None:
 
 
 def _launch(rows: int, cols: int, tiled_cols: int, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
-            sums_dtype: torch.dtype | None, device: torch.device, cast_kernel: Callable[..., object],
-            block_rows: int = _BLOCK_ROWS, block_cols: int = _BLOCK_COLS
+            sums_dtype: torch.dtype | None, device: torch.device, tile: Tile, cast_kernel: Callable[..., object]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Allocate a (rows, cols) cast, run `cast_kernel` over tiles of `block_rows` x `block_cols` of
-    `tiled_cols` columns, then the finishing reduction; returns (cast, cast transposed, column sums)."""
+    """Allocate a (rows, cols) cast, run `cast_kernel` over `tile`'s programs on `tiled_cols`
+    columns, then the finishing reduction; returns (cast, cast transposed, column sums)."""
     _check_offsets(rows, cols)
     # Triton's interpreter rounds to FP8 wrongly (-7.875 -> -4.0 in e5m2): interpreted, the kernel
     # stores the float32 values it would round, and torch rounds them (a GPU rounds in the kernel).
     stored = torch.float32 if triton_interpreting() else fp8_dtype
     out = torch.empty((rows, cols), dtype=stored, device=device)
     out_t = torch.empty((cols, rows), dtype=stored, device=device)
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(tiled_cols, block_cols))
+    grid = (triton.cdiv(rows, tile.rows * tile.row_blocks), triton.cdiv(tiled_cols, tile.cols))
     column_sums = sums_dtype is not None
     amax_part = torch.empty(grid, dtype=torch.float32, device=device)
     colsum_part = torch.empty((grid[0], cols) if column_sums else (0,), dtype=torch.float32, device=device)

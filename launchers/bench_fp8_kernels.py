@@ -1,6 +1,7 @@
 """Time our FP8 cast kernels (kernels/fp8_cast_kernel.py) on the matrices one block of a delayed-FP8
-step casts, and the SwiGLU gradient kernel with other tiles: microseconds a call and the copy rate
-from the bytes each must move. What a whole-step profile cannot say: which tile is fastest.
+step casts, and the three large ones on other tiles (programs looping down the rows among them):
+microseconds a call and the copy rate from the bytes each must move. What a whole-step profile
+cannot say: which tile is fastest.
 
   python launchers/bench_fp8_kernels.py --json runs/bench/fp8_kernels.json    # GPU, XXL's shapes
   TRITON_INTERPRET=1 python launchers/bench_fp8_kernels.py --tokens 64 --dim 32 --hidden 32 --repeats 1
@@ -21,12 +22,26 @@ from sfd_scale.atomic import atomic_write_bytes
 from sfd_scale.bench import _timed
 from sfd_scale.kernels import fp8_cast_kernel
 
-SWIGLU_BACKWARD_TILES = [(64, 32, 8), (64, 64, 4), (64, 64, 8), (128, 32, 8), (32, 64, 4), (128, 64, 8), (32, 128, 4)]
-"""(rows, columns, warps) tiles of the SwiGLU gradient kernel to compare: the launched one first."""
+CAST_TILES = [fp8_cast_kernel.CAST_TILE, (64, 64, 8), (128, 64, 8), (64, 64, 4, 4, 1), (64, 64, 4, 4, 3),
+              (64, 64, 8, 8, 3)]
+"""Tiles (`fp8_cast_kernel.Tile`: rows, columns, warps, row blocks a program, pipeline stages) of
+the cast-transpose, compared on a step's largest cast (the qkv gradient's): the launched one first."""
+SWIGLU_TILES = [fp8_cast_kernel.CAST_TILE, (64, 64, 8), (64, 64, 4, 4, 3), (64, 64, 8, 4, 3)]
+"""Tiles of the SwiGLU activation cast to compare: the launched one first."""
+SWIGLU_BACKWARD_TILES = [fp8_cast_kernel.SWIGLU_BACKWARD_TILE, (64, 64, 4), (64, 64, 8), (128, 32, 8), (32, 64, 4),
+                         (128, 64, 8), (32, 128, 4), (64, 32, 8, 4, 3), (64, 64, 8, 4, 3), (64, 64, 8, 2, 2)]
+"""Tiles of the SwiGLU gradient kernel to compare: the launched one first."""
+
+
+def describe(tile: tuple[int, ...]) -> str:
+    """'64x64 4 warps', with ', 4 row blocks, 3 stages' where a program loops down the rows."""
+    tile = fp8_cast_kernel.Tile(*tile)
+    loop = f", {tile.row_blocks} row blocks, {tile.stages} stages" if (tile.row_blocks, tile.stages) != (1, 1) else ""
+    return f"{tile.rows}x{tile.cols} {tile.warps} warps{loop}"
 
 
 def _cases(tokens: int, dim: int, hidden: int, device: torch.device) -> list[tuple[str, int, Callable[[], object]]]:
-    """(name, bytes moved, call) of each cast a block's step makes, and of the tile variants."""
+    """(name, bytes moved, call) of each cast a block's step makes, each on its tiles."""
     g = torch.Generator(device=device).manual_seed(0)
     bf16 = dict(device=device, dtype=torch.bfloat16)
     scale = torch.ones((), device=device)
@@ -35,21 +50,23 @@ def _cases(tokens: int, dim: int, hidden: int, device: torch.device) -> list[tup
     h = torch.randn(tokens, 2 * hidden, generator=g, **bf16)
     dg = torch.randn(tokens, hidden, generator=g, **bf16)
     cases = []
-    for name, rows, cols, fp8, sums in (("cast weight qkv", 3 * dim, dim, e4m3, None),
-                                        ("cast weight w12", 2 * hidden, dim, e4m3, None),
-                                        ("cast gradient qkv (+ bias sums)", tokens, 3 * dim, e5m2, torch.bfloat16),
-                                        ("cast gradient proj (+ bias sums)", tokens, dim, e5m2, torch.bfloat16)):
+    for name, rows, cols, fp8, sums, tiles in (
+            ("cast weight qkv", 3 * dim, dim, e4m3, None, CAST_TILES[:1]),
+            ("cast weight w12", 2 * hidden, dim, e4m3, None, CAST_TILES[:1]),
+            ("cast gradient qkv (+ bias sums)", tokens, 3 * dim, e5m2, torch.bfloat16, CAST_TILES),
+            ("cast gradient proj (+ bias sums)", tokens, dim, e5m2, torch.bfloat16, CAST_TILES[:1])):
         x = torch.randn(rows, cols, generator=g, **bf16)
-        cases.append((name, rows * cols * 4,
-                      lambda x=x, fp8=fp8, sums=sums: fp8_cast_kernel.cast_transpose(x, scale, fp8, slot, sums)))
-    cases.append(("swiglu activation cast", tokens * hidden * 6,
-                  lambda: fp8_cast_kernel.swiglu_cast(h, scale, e4m3, slot)))
+        cases += [(f"{name}, tile {describe(tile)}", rows * cols * 4,
+                   lambda x=x, fp8=fp8, sums=sums, tile=tile: fp8_cast_kernel.cast_transpose(x, scale, fp8, slot, sums,
+                                                                                               tile))
+                  for tile in tiles]
+    cases += [(f"swiglu activation cast, tile {describe(tile)}", tokens * hidden * 6,
+               lambda tile=tile: fp8_cast_kernel.swiglu_cast(h, scale, e4m3, slot, tile)) for tile in SWIGLU_TILES]
     x8 = torch.zeros(tokens, dim, device=device, dtype=e4m3)
     cases.append(("transpose input", tokens * dim * 2, lambda: fp8_cast_kernel.transpose(x8)))
-    for tile in SWIGLU_BACKWARD_TILES:
-        cases.append((f"swiglu gradient cast, tile {tile[0]}x{tile[1]} {tile[2]} warps", tokens * hidden * 10,
-                      lambda tile=tile: fp8_cast_kernel.swiglu_backward_cast(h, dg, scale, e5m2, slot, torch.bfloat16,
-                                                                             tile)))
+    cases += [(f"swiglu gradient cast, tile {describe(tile)}", tokens * hidden * 10,
+               lambda tile=tile: fp8_cast_kernel.swiglu_backward_cast(h, dg, scale, e5m2, slot, torch.bfloat16, tile))
+              for tile in SWIGLU_BACKWARD_TILES]
     return cases
 
 

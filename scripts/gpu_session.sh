@@ -127,7 +127,7 @@ run_named() {
     # (scripts/gpu_probes.py says what each prints).
     fp8_probe) step fp8_kernels_against_twins 60 $PY scripts/gpu_probes.py fp8 ;;
     sums_probe) step fp32_sums_of_a_block 150 $PY scripts/gpu_probes.py sums ;;
-    fp8_kernels) step fp8_cast_kernels_and_tiles 60 $PY launchers/bench_fp8_kernels.py --json "$OUT/fp8_kernels.json" ;;
+    fp8_kernels) step fp8_cast_kernels_and_tiles 100 $PY launchers/bench_fp8_kernels.py --json "$OUT/fp8_kernels.json" ;;
     # The kernels inductor generates for one XXL block on this GPU, and every kernel one compiled
     # step of the block launches with its time (which operator runs the 101 fp32 sums a step?).
     plan_cuda) step kernel_plan_on_the_gpu 100 $PY launchers/kernel_plan.py --device cuda --size XXL --batch-size 32 \

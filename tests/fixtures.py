@@ -88,10 +88,10 @@ def triton_interpreter_without_gpu():
 
 
 def hopper_ptx(monkeypatch: pytest.MonkeyPatch, module, kernel: str, signature: dict[str, str],
-               constexprs: dict, attrs: dict | None = None, helpers: tuple[str, ...] = ()) -> str:
-    """PTX of `module.kernel` compiled for sm_90; Triton emits it without a GPU. The kernel and the
-    jit `helpers` it calls are rebuilt as compilable functions, also where the module was imported
-    under Triton's interpreter."""
+               constexprs: dict, attrs: dict | None = None, helpers: tuple[str, ...] = (), warps: int = 4) -> str:
+    """PTX of `module.kernel` compiled for sm_90 with `warps` warps a program; Triton emits it
+    without a GPU. The kernel and the jit `helpers` it calls are rebuilt as compilable functions,
+    also where the module was imported under Triton's interpreter."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -107,4 +107,4 @@ def hopper_ptx(monkeypatch: pytest.MonkeyPatch, module, kernel: str, signature: 
         jitted = getattr(module, name)
         monkeypatch.setattr(module, name, JITFunction(getattr(jitted, "fn", jitted)))
     source = ASTSource(fn=getattr(module, kernel), signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]

@@ -329,7 +329,7 @@ def test_trainer_benchmark_runs_the_configured_engine_on_two_ranks(tmp_path, eng
     assert "| synchronous |" in logs[0] and "| synchronous |" not in logs[1]  # rank 0 reports
 
 
-def test_fp8_kernel_benchmark_times_each_cast_and_every_swiglu_gradient_tile(tmp_path):
+def test_fp8_kernel_benchmark_times_each_cast_and_the_large_ones_on_every_tile(tmp_path):
     out = tmp_path / "fp8_kernels.json"
     done = subprocess.run([sys.executable, "launchers/bench_fp8_kernels.py", "--tokens", "64", "--dim", "32", "--hidden",
                            "32", "--repeats", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
@@ -337,7 +337,11 @@ def test_fp8_kernel_benchmark_times_each_cast_and_every_swiglu_gradient_tile(tmp
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert all(r["us"] > 0 and r["bytes"] > 0 for r in rows)
-    tiles = [r for r in rows if r["kernel"].startswith("swiglu gradient")]
-    assert len(rows) - len(tiles) == 6 and len(tiles) > 1
-    assert {r["bytes"] for r in tiles} == {64 * 32 * 10}  # h and dg read in bf16, both FP8 layouts written
+    tiles = {kind: [r["kernel"] for r in rows if r["kernel"].startswith(kind)]
+             for kind in ("cast gradient qkv", "swiglu activation", "swiglu gradient")}
+    launched = ("64x64 4 warps", "64x64 4 warps", "64x32 8 warps")   # each kernel's tile as a step launches it
+    assert all(len(t) > 1 and t[0].endswith(f"tile {first}") for t, first in zip(tiles.values(), launched))
+    assert len(rows) == sum(map(len, tiles.values())) + 4   # three weight and gradient casts, the transpose
+    assert {r["bytes"] for r in rows if r["kernel"] in tiles["swiglu gradient"]} == {64 * 32 * 10}  # bf16 in, FP8 out
     assert "| swiglu gradient cast, tile 64x32 8 warps |" in done.stdout
+    assert "| cast gradient qkv (+ bias sums), tile 64x64 8 warps, 8 row blocks, 3 stages |" in done.stdout

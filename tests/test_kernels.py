@@ -230,7 +230,7 @@ def test_fp8_swiglu_backward_cast_kernel(dtype, shape):
 
 
 @needs_triton
-@pytest.mark.parametrize("tile", [(64, 64, 4), (128, 32, 8), (32, 128, 4)])
+@pytest.mark.parametrize("tile", [(64, 64, 4), (128, 32, 8), (32, 128, 4), (64, 32, 8, 3, 2)])
 def test_swiglu_gradient_cast_on_other_tiles_is_the_same_cast(tile):
     # launchers/bench_fp8_kernels.py times other tiles of this kernel: each must compute the same
     # cast, the same amax and (up to the order partial sums are added in) the same column sums.
@@ -247,6 +247,28 @@ def test_swiglu_gradient_cast_on_other_tiles_is_the_same_cast(tile):
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     assert slots[0] == slots[1] > 0
     torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-5, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("tile", [(64, 64, 4, 3, 1), (32, 64, 4, 2, 2)])
+def test_fp8_casts_whose_programs_loop_down_the_rows_are_the_same_casts(tile):
+    # Programs that cast several row blocks each (Tile.row_blocks, the loop pipelined over
+    # Tile.stages): the same bytes and amax, and up to the order of additions the same column sums.
+    from sfd_scale.kernels.fp8_cast_kernel import CAST_TILE, cast_transpose, swiglu_cast
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(200, 130, generator=g) * 3).to(DEVICE, torch.bfloat16)  # a partial last loop
+    h = (torch.randn(200, 260, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    scale = torch.tensor(torch.finfo(torch.float8_e5m2).max / 40.0, device=DEVICE)
+    for cast in (lambda slot, t: cast_transpose(x, scale, torch.float8_e5m2, slot, torch.float32, t),
+                 lambda slot, t: swiglu_cast(h, scale, torch.float8_e5m2, slot, t)):
+        slots = torch.full((2,), -1.0, device=DEVICE)
+        want, got = (cast(slots[i:i + 1], t) for i, t in enumerate((CAST_TILE, tile)))
+        for w, k in zip(want[:2], got[:2]):
+            assert torch.equal(k.view(torch.uint8), w.view(torch.uint8))
+        assert slots[0] == slots[1] > 0
+        if len(got) == 3:
+            torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-4)
 
 
 @needs_triton
@@ -386,6 +408,14 @@ def _fp8_layer_grads(layers, x: torch.Tensor, width: int) -> list[tuple[torch.Te
     return grads
 
 
+TILE_SIGNATURE = {"BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr", "ROW_BLOCKS": "constexpr",
+                  "STAGES": "constexpr"}
+
+
+def _tile_constexprs(tile) -> dict[str, int]:
+    return {"BLOCK_ROWS": tile.rows, "BLOCK_COLS": tile.cols, "ROW_BLOCKS": tile.row_blocks, "STAGES": tile.stages}
+
+
 def _nan_min_max(ptx: str) -> list[str]:
     """The NaN-propagating min/max instructions in `ptx`. The FP8 kernels must hold none: with one
     in the kernel, Triton can miscompile a transposed FP8 store on Hopper (triton-lang/triton#11111;
@@ -404,12 +434,12 @@ def test_fp8_cast_transpose_writes_both_layouts_in_128_bit_stores(monkeypatch):
 
     signature = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*fp8e5", "out_t_ptr": "*fp8e5",
                  "amax_part_ptr": "*fp32", "colsum_part_ptr": "*fp32", "rows": "i32", "cols": "i32", "fp8_max": "fp32",
-                 "COLUMN_SUMS": "constexpr", "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr"}
+                 "COLUMN_SUMS": "constexpr", **TILE_SIGNATURE}
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 2, 3, 5, 6, 7)}  # pointers, rows, cols
+    tile = fp8_cast_kernel.CAST_TILE
     ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, "_cast_transpose_kernel", signature,
-                     {"COLUMN_SUMS": True, "BLOCK_ROWS": fp8_cast_kernel._BLOCK_ROWS,
-                      "BLOCK_COLS": fp8_cast_kernel._BLOCK_COLS},
-                     attrs=aligned, helpers=("_add", "_max"))
+                     {"COLUMN_SUMS": True, **_tile_constexprs(tile)}, attrs=aligned, helpers=("_add", "_max"),
+                     warps=tile.warps)
     assert ptx.count("ld.global.v4.b32") == 4 and ptx.count("st.global.v4.b32") == 4  # 64 B in, 2 x 32 B out
     assert "cvt.rn.satfinite.e5m2x2.f32" in ptx and "st.global.b8" not in ptx
     assert not _nan_min_max(ptx)
@@ -419,8 +449,9 @@ def test_fp8_cast_transpose_writes_both_layouts_in_128_bit_stores(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="PTX inspection is the CPU machines' check; a GPU runs the kernel")
 @pytest.mark.parametrize("kernel", ["_swiglu_cast_kernel", "_swiglu_backward_cast_kernel"])
 def test_fp8_swiglu_kernels_compile_for_hopper_with_wide_accesses(monkeypatch, kernel):
-    # As launched on aligned bf16 h (and output gradient): h's gate and value halves and the FP8
-    # tiles move in 128-bit accesses, rounded by the hardware's saturating conversion.
+    # As launched on aligned bf16 h (and output gradient), with the launch's warps: h's gate and
+    # value halves load in 128-bit accesses and the FP8 tiles leave in vectors, rounded by the
+    # hardware's saturating conversion.
     from fixtures import hopper_ptx
     from sfd_scale.kernels import fp8_cast_kernel
 
@@ -428,20 +459,22 @@ def test_fp8_swiglu_kernels_compile_for_hopper_with_wide_accesses(monkeypatch, k
     partials = {"amax_part_ptr": "*fp32"} if kernel == "_swiglu_cast_kernel" else {"amax_part_ptr": "*fp32",
                                                                                     "colsum_part_ptr": "*fp32"}
     signature = {**inputs, "scale_ptr": "*fp32", "out_ptr": "*fp8e5", "out_t_ptr": "*fp8e5", **partials,
-                 "rows": "i32", "hidden": "i32", "fp8_max": "fp32", "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr"}
-    constexprs = {"BLOCK_ROWS": fp8_cast_kernel._BLOCK_ROWS, "BLOCK_COLS": fp8_cast_kernel._BLOCK_COLS}
-    helpers = ("_max",)
+                 "rows": "i32", "hidden": "i32", "fp8_max": "fp32", **TILE_SIGNATURE}
+    tile, constexprs, helpers = fp8_cast_kernel.CAST_TILE, {}, ("_max",)
     if kernel == "_swiglu_backward_cast_kernel":  # as launched: its own narrower tile
-        signature = {**{k: v for k, v in signature.items() if not k.startswith("BLOCK")}, "COLUMN_SUMS": "constexpr",
-                     "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr"}
-        block_rows, block_cols, _ = fp8_cast_kernel.SWIGLU_BACKWARD_TILE
-        constexprs.update(COLUMN_SUMS=True, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
-        helpers = ("_add", "_max")
+        signature = {**{k: v for k, v in signature.items() if k not in TILE_SIGNATURE}, "COLUMN_SUMS": "constexpr",
+                     **TILE_SIGNATURE}
+        tile, constexprs, helpers = fp8_cast_kernel.SWIGLU_BACKWARD_TILE, {"COLUMN_SUMS": True}, ("_add", "_max")
     pointers_and_sizes = [i for i, (name, kind) in enumerate(signature.items())
                           if kind.startswith("*") and name != "scale_ptr" or name in ("rows", "hidden")]
-    ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, kernel, signature, constexprs,
-                     attrs={(i,): [["tt.divisibility", 16]] for i in pointers_and_sizes}, helpers=helpers)
-    assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, kernel, signature, {**constexprs, **_tile_constexprs(tile)},
+                     attrs={(i,): [["tt.divisibility", 16]] for i in pointers_and_sizes}, helpers=helpers,
+                     warps=tile.warps)
+    # A thread's share of an FP8 tile, up to 16 bytes, leaves in one vector store: the launched
+    # SwiGLU-gradient tile (64 x 32, 8 warps) gives 8 bytes a thread (bench_fp8_kernels.py times
+    # 64 x 64 with 8 warps, 16 bytes, against it).
+    store = {16: "st.global.v4.b32", 8: "st.global.v2.b32"}[min(tile.rows * tile.cols // (32 * tile.warps), 16)]
+    assert "ld.global.v4.b32" in ptx and store in ptx
     assert "cvt.rn.satfinite.e5m2x2.f32" in ptx and "st.global.b8" not in ptx
     assert not _nan_min_max(ptx)
 
