@@ -63,6 +63,12 @@ def _max(a, b):
 
 
 @triton.jit
+def _to_fp8(v, scale, fp8_max, dtype: tl.constexpr):
+    # Scaled and saturated to the FP8 range (as the twins clamp), rounded to nearest by the cast.
+    return tl.minimum(tl.maximum(v * scale, -fp8_max), fp8_max).to(dtype)
+
+
+@triton.jit
 def _cast_transpose_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, colsum_part_ptr, rows, cols,
                            fp8_max, COLUMN_SUMS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                            ROW_BLOCKS: tl.constexpr, STAGES: tl.constexpr):
@@ -78,7 +84,7 @@ def _cast_transpose_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, 
         r = (row_group * ROW_BLOCKS + i) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         mask = (r[:, None] < rows) & (c[None, :] < cols)
         x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(x * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
+        y = _to_fp8(x, scale, fp8_max, out_ptr.dtype.element_ty)
         tl.store(out_ptr + r[:, None] * cols + c[None, :], y, mask=mask)
         # The transposed store: Triton stages the tile through shared memory so each row of out_t
         # is written contiguously.
@@ -109,7 +115,7 @@ def _swiglu_cast_kernel(h_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, row
         gate = tl.load(h_ptr + r[:, None] * 2 * hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
         value = tl.load(h_ptr + r[:, None] * 2 * hidden + hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
         a = gate / (1.0 + tl.exp(-gate)) * value
-        y = tl.minimum(tl.maximum(a * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
+        y = _to_fp8(a, scale, fp8_max, out_ptr.dtype.element_ty)
         tl.store(out_ptr + r[:, None] * hidden + c[None, :], y, mask=mask)
         tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y, mask=mask)
         largest = _max(largest, tl.abs(a))
@@ -140,8 +146,8 @@ def _swiglu_backward_cast_kernel(h_ptr, dg_ptr, scale_ptr, out_ptr, out_t_ptr, a
         sig = 1.0 / (1.0 + tl.exp(-gate))
         d_gate = dg * value * sig * (1.0 + gate * (1.0 - sig))  # d silu(g)/dg = sig * (1 + g * (1 - sig))
         d_value = dg * gate * sig
-        cast_gate = tl.minimum(tl.maximum(d_gate * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
-        cast_value = tl.minimum(tl.maximum(d_value * scale, -fp8_max), fp8_max).to(out_ptr.dtype.element_ty)
+        cast_gate = _to_fp8(d_gate, scale, fp8_max, out_ptr.dtype.element_ty)
+        cast_value = _to_fp8(d_value, scale, fp8_max, out_ptr.dtype.element_ty)
         tl.store(out_ptr + r[:, None] * width + c[None, :], cast_gate, mask=mask)
         tl.store(out_ptr + r[:, None] * width + hidden + c[None, :], cast_value, mask=mask)
         tl.store(out_t_ptr + c[None, :] * rows + r[:, None], cast_gate, mask=mask)

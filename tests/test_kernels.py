@@ -438,7 +438,8 @@ def test_fp8_cast_transpose_writes_both_layouts_in_128_bit_stores(monkeypatch):
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 2, 3, 5, 6, 7)}  # pointers, rows, cols
     tile = fp8_cast_kernel.CAST_TILE
     ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, "_cast_transpose_kernel", signature,
-                     {"COLUMN_SUMS": True, **_tile_constexprs(tile)}, attrs=aligned, helpers=("_add", "_max"),
+                     {"COLUMN_SUMS": True, **_tile_constexprs(tile)}, attrs=aligned,
+                     helpers=("_add", "_max", "_to_fp8"),
                      warps=tile.warps)
     assert ptx.count("ld.global.v4.b32") == 4 and ptx.count("st.global.v4.b32") == 4  # 64 B in, 2 x 32 B out
     assert "cvt.rn.satfinite.e5m2x2.f32" in ptx and "st.global.b8" not in ptx
@@ -460,11 +461,12 @@ def test_fp8_swiglu_kernels_compile_for_hopper_with_wide_accesses(monkeypatch, k
                                                                                     "colsum_part_ptr": "*fp32"}
     signature = {**inputs, "scale_ptr": "*fp32", "out_ptr": "*fp8e5", "out_t_ptr": "*fp8e5", **partials,
                  "rows": "i32", "hidden": "i32", "fp8_max": "fp32", **TILE_SIGNATURE}
-    tile, constexprs, helpers = fp8_cast_kernel.CAST_TILE, {}, ("_max",)
+    tile, constexprs, helpers = fp8_cast_kernel.CAST_TILE, {}, ("_max", "_to_fp8")
     if kernel == "_swiglu_backward_cast_kernel":  # as launched: its own narrower tile
         signature = {**{k: v for k, v in signature.items() if k not in TILE_SIGNATURE}, "COLUMN_SUMS": "constexpr",
                      **TILE_SIGNATURE}
-        tile, constexprs, helpers = fp8_cast_kernel.SWIGLU_BACKWARD_TILE, {"COLUMN_SUMS": True}, ("_add", "_max")
+        tile, constexprs = fp8_cast_kernel.SWIGLU_BACKWARD_TILE, {"COLUMN_SUMS": True}
+        helpers = ("_add", "_max", "_to_fp8")
     pointers_and_sizes = [i for i, (name, kind) in enumerate(signature.items())
                           if kind.startswith("*") and name != "scale_ptr" or name in ("rows", "hidden")]
     ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, kernel, signature, {**constexprs, **_tile_constexprs(tile)},
