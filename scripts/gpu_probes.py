@@ -117,6 +117,10 @@ def probe_sums() -> None:
                 "split 64": {"triton.mix_order_reduction_split_size": 64},
                 "split 128": {"triton.mix_order_reduction_split_size": 128}}
     for label, setting in settings.items():
+        missing = [key for key in setting if not hasattr(inductor_config.triton, key.removeprefix("triton."))]
+        if missing:  # an older torch
+            print(f"{label}: this torch's inductor has no {', '.join(missing)}", flush=True)
+            continue
         torch._dynamo.reset()
         metrics.reset()
         holder = nn.Module()
