@@ -327,8 +327,9 @@ def test_the_start_up_check_finds_the_fp8_kernels_equal_to_their_twins_here():
 
 
 @needs_triton
-def test_the_start_up_check_names_a_kernel_that_writes_wrong_bytes(monkeypatch):
-    # As on the H100 on 2026-11-27: the SwiGLU cast's first 64 rows wrong, the rest right.
+def test_the_start_up_check_names_a_kernel_that_writes_wrong_bytes_or_fails(monkeypatch):
+    # As on the H100 on 2026-11-27: the SwiGLU cast's first 64 rows wrong, the rest right; and a
+    # kernel that does not compile for the device.
     from sfd_scale.kernels import fp8_cast_kernel, fp8_check
 
     right = fp8_cast_kernel.swiglu_cast
@@ -339,11 +340,16 @@ def test_the_start_up_check_names_a_kernel_that_writes_wrong_bytes(monkeypatch):
         cast.view(torch.uint8)[:64] = wrong
         return cast, cast_t
 
+    def does_not_compile(*args):
+        raise RuntimeError("PTX .version 9.4 does not support .target sm_120")
+
     monkeypatch.setattr(fp8_cast_kernel, "swiglu_cast", first_row_block_wrong)
+    monkeypatch.setattr(fp8_cast_kernel, "transpose", does_not_compile)
     monkeypatch.setattr(fp8_check, "INPUT_DTYPES", (torch.bfloat16,))
     failures = fp8_check.fp8_kernel_failures(torch.device(DEVICE))
-    assert len(failures) == 1 and failures[0].startswith("fp8_swiglu_cast(bfloat16 128x128 -> torch.float8_e4m3fn)")
+    assert len(failures) == 2 and failures[0].startswith("fp8_swiglu_cast(bfloat16 128x128 -> torch.float8_e4m3fn)")
     assert "cast: 50.0% of the bytes differ (allowed 1%)" in failures[0] and "transposed" not in failures[0]
+    assert failures[1] == "fp8_transpose(128x128): raised RuntimeError: PTX .version 9.4 does not support .target sm_120"
 
 
 @needs_triton
