@@ -11,7 +11,9 @@ Kernels here call Triton builtins only (`tl.load`, `tl.exp`, `tl.reduce`, ...), 
 of `triton.language.standard` (`tl.sum`, `tl.zeros`, `tl.sigmoid`, ...): those are themselves
 `@triton.jit` functions, fixed as compiled or interpreted when `triton` is first imported (which
 torch does early, e.g. for its FLOP counter), so the interpreter could not run them in a process
-that imported Triton before setting the variable.
+that imported Triton before setting the variable. Two of them may be handed to `tl.reduce` as its
+combine function (`fp8_cast_kernel`): the interpreter recognises `_elementwise_max` and
+`_sum_combine` and reduces with numpy without calling them.
 """
 from __future__ import annotations
 

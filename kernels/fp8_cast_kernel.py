@@ -48,18 +48,20 @@ _TRANSPOSE_BLOCK = 128
 """Rows and columns of a transposed tile: 128 bytes, a full memory transaction, each way."""
 
 
-@triton.jit
-def _add(a, b):
-    return a + b
+# Triton's own combine functions for tl.reduce. Compiled, they reduce as any would; Triton's
+# interpreter recognises them and reduces with numpy, where a combine function of ours runs once per
+# element (a 64 x 64 tile's amax: 4,096 interpreted calls, most of a CPU test's time).
+_MAX = tl.standard._elementwise_max
+_SUM = tl.standard._sum_combine
 
 
 @triton.jit
-def _max(a, b):
-    # NaN wins, as in torch.amax. A compare and select, not tl.maximum(propagate_nan=ALL): that
-    # lowers to max.NaN.f32, and Triton can miscompile an FP8 store in a kernel holding it (garbage
-    # bytes, deterministic per tile and shape; triton-lang/triton#11111 on Hopper). The likely cause
-    # of these kernels' failed CUDA tests (docs/benchmarks.md, session 10).
-    return tl.where((a > b) | (a != a), a, b)
+def _magnitude(v):
+    # |v| with NaN as +inf. Either makes a cast's amax non-finite, which the finishing kernel
+    # records as 0 (as the twins do), and the max over magnitudes then meets no NaN: a plain max,
+    # not a NaN-propagating one. That one (PTX max.NaN.f32) is what Triton miscompiled FP8 stores
+    # around on Hopper (triton-lang/triton#11111; these kernels' CUDA tests, docs/benchmarks.md).
+    return tl.where(v != v, float("inf"), tl.abs(v))
 
 
 @triton.jit
@@ -89,13 +91,13 @@ def _cast_transpose_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, 
         # The transposed store: Triton stages the tile through shared memory so each row of out_t
         # is written contiguously.
         tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y, mask=mask)
-        largest = _max(largest, tl.abs(x))
+        largest = tl.maximum(largest, _magnitude(x))
         if COLUMN_SUMS:
             total += x
     tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block,
-             tl.reduce(tl.reduce(largest, 1, _max), 0, _max))
+             tl.reduce(tl.reduce(largest, 1, _MAX), 0, _MAX))
     if COLUMN_SUMS:
-        tl.store(colsum_part_ptr + row_group * cols + c, tl.reduce(total, 0, _add), mask=c < cols)
+        tl.store(colsum_part_ptr + row_group * cols + c, tl.reduce(total, 0, _SUM), mask=c < cols)
 
 
 @triton.jit
@@ -118,9 +120,9 @@ def _swiglu_cast_kernel(h_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, row
         y = _to_fp8(a, scale, fp8_max, out_ptr.dtype.element_ty)
         tl.store(out_ptr + r[:, None] * hidden + c[None, :], y, mask=mask)
         tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y, mask=mask)
-        largest = _max(largest, tl.abs(a))
+        largest = tl.maximum(largest, _magnitude(a))
     tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block,
-             tl.reduce(tl.reduce(largest, 1, _max), 0, _max))
+             tl.reduce(tl.reduce(largest, 1, _MAX), 0, _MAX))
 
 
 @triton.jit
@@ -152,15 +154,15 @@ def _swiglu_backward_cast_kernel(h_ptr, dg_ptr, scale_ptr, out_ptr, out_t_ptr, a
         tl.store(out_ptr + r[:, None] * width + hidden + c[None, :], cast_value, mask=mask)
         tl.store(out_t_ptr + c[None, :] * rows + r[:, None], cast_gate, mask=mask)
         tl.store(out_t_ptr + (hidden + c[None, :]) * rows + r[:, None], cast_value, mask=mask)
-        largest = _max(largest, _max(tl.abs(d_gate), tl.abs(d_value)))
+        largest = tl.maximum(largest, tl.maximum(_magnitude(d_gate), _magnitude(d_value)))
         if COLUMN_SUMS:
             total_gate += d_gate
             total_value += d_value
     tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block,
-             tl.reduce(tl.reduce(largest, 1, _max), 0, _max))
+             tl.reduce(tl.reduce(largest, 1, _MAX), 0, _MAX))
     if COLUMN_SUMS:
-        tl.store(colsum_part_ptr + row_group * width + c, tl.reduce(total_gate, 0, _add), mask=c < hidden)
-        tl.store(colsum_part_ptr + row_group * width + hidden + c, tl.reduce(total_value, 0, _add), mask=c < hidden)
+        tl.store(colsum_part_ptr + row_group * width + c, tl.reduce(total_gate, 0, _SUM), mask=c < hidden)
+        tl.store(colsum_part_ptr + row_group * width + hidden + c, tl.reduce(total_value, 0, _SUM), mask=c < hidden)
 
 
 @triton.jit
@@ -187,8 +189,8 @@ def _finish_kernel(amax_part_ptr, parts, amax_out_ptr, colsum_part_ptr, sums_ptr
         largest = tl.full([AMAX_BLOCK], 0.0, tl.float32)
         for start in range(0, parts, AMAX_BLOCK):
             part = tl.load(amax_part_ptr + start + offsets, mask=start + offsets < parts, other=0.0)
-            largest = _max(largest, part)
-        amax = tl.reduce(largest, 0, _max)
+            largest = tl.maximum(largest, part)  # magnitudes: no NaN among them
+        amax = tl.reduce(largest, 0, _MAX)
         tl.store(amax_out_ptr, tl.where(amax < float("inf"), amax, 0.0))  # NaN and inf fail the test
     if COLUMN_SUMS:
         c = program * SUM_COLS + tl.arange(0, SUM_COLS)
@@ -198,7 +200,7 @@ def _finish_kernel(amax_part_ptr, parts, amax_out_ptr, colsum_part_ptr, sums_ptr
             r = start + rows
             tile = tl.load(colsum_part_ptr + r[:, None] * cols + c[None, :],
                            mask=(r[:, None] < row_blocks) & (c[None, :] < cols), other=0.0)
-            total += tl.reduce(tile, 0, _add)
+            total += tl.reduce(tile, 0, _SUM)
         tl.store(sums_ptr + c, total.to(sums_ptr.dtype.element_ty), mask=c < cols)
 
 

@@ -445,7 +445,7 @@ def test_fp8_cast_transpose_writes_both_layouts_in_128_bit_stores(monkeypatch):
     tile = fp8_cast_kernel.CAST_TILE
     ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, "_cast_transpose_kernel", signature,
                      {"COLUMN_SUMS": True, **_tile_constexprs(tile)}, attrs=aligned,
-                     helpers=("_add", "_max", "_to_fp8"),
+                     helpers=("_magnitude", "_to_fp8", "_MAX", "_SUM"),
                      warps=tile.warps)
     assert ptx.count("ld.global.v4.b32") == 4 and ptx.count("st.global.v4.b32") == 4  # 64 B in, 2 x 32 B out
     assert "cvt.rn.satfinite.e5m2x2.f32" in ptx and "st.global.b8" not in ptx
@@ -467,12 +467,12 @@ def test_fp8_swiglu_kernels_compile_for_hopper_with_wide_accesses(monkeypatch, k
                                                                                     "colsum_part_ptr": "*fp32"}
     signature = {**inputs, "scale_ptr": "*fp32", "out_ptr": "*fp8e5", "out_t_ptr": "*fp8e5", **partials,
                  "rows": "i32", "hidden": "i32", "fp8_max": "fp32", **TILE_SIGNATURE}
-    tile, constexprs, helpers = fp8_cast_kernel.CAST_TILE, {}, ("_max", "_to_fp8")
+    tile, constexprs, helpers = fp8_cast_kernel.CAST_TILE, {}, ("_magnitude", "_to_fp8", "_MAX", "_SUM")
     if kernel == "_swiglu_backward_cast_kernel":  # as launched: its own narrower tile
         signature = {**{k: v for k, v in signature.items() if k not in TILE_SIGNATURE}, "COLUMN_SUMS": "constexpr",
                      **TILE_SIGNATURE}
         tile, constexprs = fp8_cast_kernel.SWIGLU_BACKWARD_TILE, {"COLUMN_SUMS": True}
-        helpers = ("_add", "_max", "_to_fp8")
+        helpers = ("_magnitude", "_to_fp8", "_MAX", "_SUM")
     pointers_and_sizes = [i for i, (name, kind) in enumerate(signature.items())
                           if kind.startswith("*") and name != "scale_ptr" or name in ("rows", "hidden")]
     ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, kernel, signature, {**constexprs, **_tile_constexprs(tile)},
@@ -508,7 +508,7 @@ def test_fp8_transpose_kernel_reads_and_writes_128_bit_accesses(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="PTX inspection is the CPU machines' check; a GPU runs the kernel")
 def test_fp8_cast_finish_kernel_compiles_for_hopper_and_writes_bf16_sums(monkeypatch):
     # The interpreter runs the partials' reduction; this compiles it as a GPU would (its loops
-    # over a runtime count, the NaN-propagating max, the infinity test) and checks the sums leave
+    # over a runtime count, the max of magnitudes, the infinity test) and checks the sums leave
     # in bf16, rounded to nearest.
     from fixtures import hopper_ptx
     from sfd_scale.kernels import fp8_cast_kernel
@@ -521,7 +521,7 @@ def test_fp8_cast_finish_kernel_compiles_for_hopper_and_writes_bf16_sums(monkeyp
     assert tiles == {"AMAX_BLOCK": 16384, "SUM_ROWS": 128, "SUM_COLS": 64}  # every partial in one load
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(7)}  # pointers and counts, as at XXL's sizes
     ptx = hopper_ptx(monkeypatch, fp8_cast_kernel, "_finish_kernel", signature, {"COLUMN_SUMS": True, **tiles},
-                     attrs=aligned, helpers=("_add", "_max"))
+                     attrs=aligned, helpers=("_MAX", "_SUM"))
     assert not _nan_min_max(ptx) and "selp" in ptx and "cvt.rn.bf16" in ptx
     assert "ld.global.v4.b32" in ptx and "ld.global.b32" not in ptx  # 16-byte loads of the partials
 
