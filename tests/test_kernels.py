@@ -348,8 +348,11 @@ def test_the_start_up_check_names_a_kernel_that_writes_wrong_bytes_or_fails(monk
     monkeypatch.setattr(fp8_check, "INPUT_DTYPES", (torch.bfloat16,))
     failures = fp8_check.fp8_kernel_failures(torch.device(DEVICE))
     assert len(failures) == 2 and failures[0].startswith("fp8_swiglu_cast(bfloat16 128x128 -> torch.float8_e4m3fn)")
-    assert "cast: 50.0% of the bytes differ (allowed 1%)" in failures[0] and "transposed" not in failures[0]
-    assert failures[1] == "fp8_transpose(128x128): raised RuntimeError: PTX .version 9.4 does not support .target sm_120"
+    # Half the bytes, and on a GPU a few more (exp's last bit may move a value across a rounding edge).
+    assert re.search(r"cast: 50\.\d% of the bytes differ \(allowed 1%\)", failures[0])
+    assert "transposed" not in failures[0]
+    assert failures[1] == ("fp8_transpose(128x128): raised RuntimeError: "
+                           "PTX .version 9.4 does not support .target sm_120")
 
 
 @needs_triton
