@@ -210,21 +210,19 @@ def cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
     """`sfd_scale.kernels.fp8_cast.fp8_cast_transpose` on a contiguous matrix, by the kernels; another
     `tile` is for launchers/bench_fp8_kernels.py's comparisons."""
     rows, cols = x.shape
-    tile = Tile(*tile)
     return _launch(rows, cols, cols, fp8_dtype, amax_out, sums_dtype, x.device, tile,
-                   lambda grid, out, out_t, amax_part, colsum_part, fp8_max: _cast_transpose_kernel[grid](
+                   lambda grid, out, out_t, amax_part, colsum_part, fp8_max, **meta: _cast_transpose_kernel[grid](
                        x, scale, out, out_t, amax_part, colsum_part, rows, cols, fp8_max,
-                       COLUMN_SUMS=sums_dtype is not None, **_constexprs(tile)))
+                       COLUMN_SUMS=sums_dtype is not None, **meta))
 
 
 def swiglu_cast(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
                 tile: Tile = CAST_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """`sfd_scale.kernels.fp8_cast.fp8_swiglu_cast` on a contiguous matrix, by the kernels."""
     rows, hidden = h.shape[0], h.shape[1] // 2
-    tile = Tile(*tile)
     cast, cast_t, _ = _launch(rows, hidden, hidden, fp8_dtype, amax_out, None, h.device, tile,
-                              lambda grid, out, out_t, amax_part, colsum_part, fp8_max: _swiglu_cast_kernel[grid](
-                                  h, scale, out, out_t, amax_part, rows, hidden, fp8_max, **_constexprs(tile)))
+                              lambda grid, out, out_t, amax_part, colsum_part, fp8_max, **meta: _swiglu_cast_kernel[
+                                  grid](h, scale, out, out_t, amax_part, rows, hidden, fp8_max, **meta))
     return cast, cast_t
 
 
@@ -233,16 +231,10 @@ def swiglu_backward_cast(h: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sfd_scale.kernels.fp8_cast.fp8_swiglu_backward_cast` on contiguous matrices, by the kernels."""
     rows, hidden = dg.shape
-    tile = Tile(*tile)
     return _launch(rows, 2 * hidden, hidden, fp8_dtype, amax_out, sums_dtype, h.device, tile,
-                   lambda grid, out, out_t, amax_part, colsum_part, fp8_max: _swiglu_backward_cast_kernel[grid](
+                   lambda grid, out, out_t, amax_part, colsum_part, fp8_max, **meta: _swiglu_backward_cast_kernel[grid](
                        h, dg, scale, out, out_t, amax_part, colsum_part, rows, hidden, fp8_max,
-                       COLUMN_SUMS=sums_dtype is not None, **_constexprs(tile)))
-
-
-def _constexprs(tile: Tile) -> dict[str, int]:
-    return dict(BLOCK_ROWS=tile.rows, BLOCK_COLS=tile.cols, ROW_BLOCKS=tile.row_blocks, STAGES=tile.stages,
-                num_warps=tile.warps)
+                       COLUMN_SUMS=sums_dtype is not None, **meta))
 
 
 def transpose(x8: torch.Tensor) -> torch.Tensor:
@@ -272,8 +264,10 @@ def _launch(rows: int, cols: int, tiled_cols: int, fp8_dtype: torch.dtype, amax_
             sums_dtype: torch.dtype | None, device: torch.device, tile: Tile, cast_kernel: Callable[..., object]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Allocate a (rows, cols) cast, run `cast_kernel` over `tile`'s programs on `tiled_cols`
-    columns, then the finishing reduction; returns (cast, cast transposed, column sums)."""
+    columns (given the tile's launch settings as keywords), then the finishing reduction; returns
+    (cast, cast transposed, column sums)."""
     _check_offsets(rows, cols)
+    tile = Tile(*tile)
     # Triton's interpreter rounds to FP8 wrongly (-7.875 -> -4.0 in e5m2): interpreted, the kernel
     # stores the float32 values it would round, and torch rounds them (a GPU rounds in the kernel).
     stored = torch.float32 if triton_interpreting() else fp8_dtype
@@ -283,7 +277,8 @@ def _launch(rows: int, cols: int, tiled_cols: int, fp8_dtype: torch.dtype, amax_
     column_sums = sums_dtype is not None
     amax_part = torch.empty(grid, dtype=torch.float32, device=device)
     colsum_part = torch.empty((grid[0], cols) if column_sums else (0,), dtype=torch.float32, device=device)
-    cast_kernel(grid, out, out_t, amax_part, colsum_part, torch.finfo(fp8_dtype).max)
+    cast_kernel(grid, out, out_t, amax_part, colsum_part, torch.finfo(fp8_dtype).max, BLOCK_ROWS=tile.rows,
+                BLOCK_COLS=tile.cols, ROW_BLOCKS=tile.row_blocks, STAGES=tile.stages, num_warps=tile.warps)
     sums = torch.empty((cols,) if column_sums else (0,), dtype=sums_dtype or torch.float32, device=device)
     finish_grid = (triton.cdiv(cols, _FINISH_SUM_COLS) if column_sums else 1,)
     _finish_kernel[finish_grid](amax_part, amax_part.numel(), amax_out, colsum_part, sums, grid[0], cols,
