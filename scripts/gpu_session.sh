@@ -160,7 +160,7 @@ run_named() {
     fp8) step fp8_rowwise_blocks 120 $PY "${XXL[@]}" --compile blocks --fp8 rowwise --no-baseline \
       --profile-steps 3 --json "$OUT/xxl_fp8_blocks.json" ;;
     fp8_curve) step precision_loss_curves 150:330 $PY launchers/compare_precision.py --set optim.lr=2e-4 \
-      --recipes none delayed delayed+bf16_residual --steps 200 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
+      --recipes none delayed+bf16_residual delayed --steps 200 --batch-size 32 --pool 64 --compile blocks --json "$OUT/fp8_curve.json" ;;
     blocks_fused_ema) step blocks_fused_adamw_ema 110 $PY "${XXL[@]}" --compile blocks --compile-mode reduce-overhead \
       --set optim.fused_ema=true --no-baseline --profile-steps 3 --json "$OUT/xxl_blocks_fused_ema.json" ;;
     sync_free) step blocks_graphs_fused_ema_sync_free 80 $PY "${SYNC_FREE[@]}" --json "$OUT/xxl_sync_free.json" ;;
@@ -184,17 +184,19 @@ STEPS=("$@")
 # to back, 404.8 with the bf16 residual stream, but the FP8 kernel tests failed on CUDA; session 11
 # replaced the NaN-propagating max Triton miscompiles around): the FP8 tests, with tracebacks (do
 # they pass now? if not, the FP8 probe maps where); delayed FP8 with the bf16 residual stream (the
-# 400 images/s candidate); the loss curves none / delayed / delayed+bf16_residual (the rest of the
-# first call's budget, 150 s at least: the current kernels have no loss curve yet); then, in a
-# second call, the fp32 sums probe (mix-order reduction on, off, fewer splits); delayed FP8 and
-# bf16 alone; our FP8 kernels and the SwiGLU gradient's other tiles; the plan of one XXL block on
-# this GPU; the tests of the captured step, our step without the whole-step graph (its profile
-# names the ops behind each kernel), the reference with plain tuning and as shipped, the trainer
-# loop with the graphs, and the rest. torchao's tensorwise and rowwise-with-bf16-weight-gradient
-# come late: the kernel plan predicts both lose to their casts, as rowwise did.
-(( ${#STEPS[@]} )) || STEPS=(env fp8_gpu_tests graph_delayed_residual fp8_curve sums_probe graph_delayed graph fp8_kernels plan_cuda graph_tests weights reference_tuned reference trainer_graph graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
+# 400 images/s candidate); the loss curves none / delayed+bf16_residual / delayed (the rest of the
+# first call's budget, 150 s at least: the current kernels have no loss curve yet; the candidate's
+# curve second, so a run cut short still has it). Then, in a second call: full activation
+# checkpointing (issue 7's second target, 130 images/s, measured on the H200 only), our FP8 kernels
+# on every tile, the fp32 sums probe (mix-order reduction on, off, fewer splits), the trainer loop
+# with the step graph; delayed FP8 and bf16 alone; the plan of one XXL block on this GPU; the tests
+# of the captured step, our step without the whole-step graph (its profile names the ops behind
+# each kernel), the reference with plain tuning and as shipped, and the rest. torchao's tensorwise
+# and rowwise-with-bf16-weight-gradient come late: the kernel plan predicts both lose to their
+# casts, as rowwise did.
+(( ${#STEPS[@]} )) || STEPS=(env fp8_gpu_tests graph_delayed_residual fp8_curve ac_blocks fp8_kernels sums_probe trainer_graph graph_delayed graph plan_cuda graph_tests weights reference_tuned reference graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
   graph_tensorwise best_tensorwise best_gw_hp tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
-  ac_blocks blocks_fused eager_fused model model_graphs)
+  blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
 
 # Summary: one line per measured run.
@@ -205,6 +207,8 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("xxl_*.json")):
     for run in [r] + ([r["baseline"]] if "baseline" in r else []):
         print(f"{path.stem:22s} {run['label']:12s} {run.get('compile_mode', '-'):16s}{' graph' if run.get('cuda_graph') else ''} fp8 {run.get('fp8', 'none'):10s} residual {run.get('residual', 'fp32')} {run['images_per_s']:7.1f} img/s {run['step_s_median']*1e3:7.1f} ms "
               f"{run['tflops_per_s']:6.1f} TFLOP/s MFU {run['mfu']['vs_measured_ceiling']:.1%} peak {run['peak_mem_gib'] or 0:.1f} GiB")
+    if r.get("fp8_casts"):
+        print(f"  FP8 casts by {r['fp8_casts']}")
     if "images_per_s_back_to_back" in r:
         print(f"  back to back: {r['images_per_s_back_to_back']:.1f} img/s, {r['step_s_back_to_back']*1e3:.1f} ms/step")
     if r.get("host_syncs"):
@@ -221,7 +225,7 @@ for report in "$OUT"/trainer*.json; do
   [ -f "$report" ] && $PY -c 'import json, sys; from sfd_scale.trainer_bench import format_trainer_report as f; print(f(json.load(open(sys.argv[1]))))' \
     "$report" >> "$OUT/summary.txt"
 done
-[ -f "$OUT/fp8_curve.json" ] && $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); print("fp8 curve:", r["against_reference"])' \
+[ -f "$OUT/fp8_curve.json" ] && $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); print("fp8 curve:", r["against_reference"], "casts:", r.get("fp8_casts"))' \
   "$OUT/fp8_curve.json" >> "$OUT/summary.txt"
 grep -h '"what"\|^| clip + AdamW\|^| fused kernel' "$LOG" >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"

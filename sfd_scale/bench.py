@@ -40,6 +40,7 @@ from sfd_scale.models.fast_paths import (
     ATTENTION_NAMES,
     COMPILE_INDUCTOR_MODES,
     COMPILE_MODES,
+    FP8_CASTS_ATTR,
     FP8_RECIPES,
     RESIDUAL_PRECISIONS,
     apply_compile,
@@ -337,7 +338,7 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
         profile = profile_training_step(step, device, profile_steps) if profile_steps else None
     finally:
         collector.stop()
-    backend = engine.module.attention_backend
+    backend, fp8_casts = engine.module.attention_backend, getattr(engine.module, FP8_CASTS_ATTR, None)
     del engine, run_step, step, batch
     gc.collect()
     if device.type == "cuda":
@@ -348,6 +349,7 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
         log.warning("%s: %d step(s) were skipped as non-finite; their time still counts", variant.label, skipped)
     return {"label": variant.label, "attention": backend, "compile": variant.compile,
             "compile_mode": variant.compile_mode, "compile_tuning": variant.compile_tuning, "fp8": variant.fp8,
+            "fp8_casts": fp8_casts,
             "residual": variant.residual, "sync_free": variant.sync_free, "cuda_graph": variant.cuda_graph,
             "fused_kernels": variant.fused_kernels, "images_per_s": options.batch_size / median,
             "step_s_median": median, "step_s_all": times, "step_s_back_to_back": back_to_back,
@@ -446,6 +448,8 @@ def format_table(report: dict) -> str:
     for r in [report] + ([report["baseline"]] if "baseline" in report else []):
         lines.append(f"{r['label']}: {len(r['step_s_all'])} steps back to back (no wait between them): "
                      f"{r['images_per_s_back_to_back']:.4g} images/s, {r['step_s_back_to_back']:.4g} s/step")
+        if r.get("fp8_casts"):
+            lines.append(f"{r['label']}: FP8 casts by {r['fp8_casts']}")
         if r.get("host_syncs"):
             lines.append(f"{r['label']}: {r['host_syncs']['count']} host synchronisation(s) per step "
                          + ", ".join(r["host_syncs"]["sites"][:3]))

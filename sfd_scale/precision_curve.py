@@ -21,7 +21,7 @@ import torch
 from sfd_scale.bench import SYNTHETIC_DATA, Variant, build_training_step, synthetic_batch
 from sfd_scale.config import SFDConfig
 from sfd_scale.data.loader import LatentShardDataset, ShardLoader
-from sfd_scale.models.fast_paths import FP8_RECIPES
+from sfd_scale.models.fast_paths import FP8_CASTS_ATTR, FP8_RECIPES
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,11 @@ def loss_curves(cfg: SFDConfig, base: Variant, recipes: list[str], steps: int, b
     variants = [recipe_variant(base, recipe) for recipe in recipes]
     batches, source = training_batches(cfg, batch_size, pool, device)
     curves: dict[str, list[float]] = {}
+    casts: dict[str, str] = {}  # which casts an FP8 recipe ran with: a curve is only as good as its kernels
     for recipe, variant in zip(recipes, variants):
         engine, step = build_training_step(cfg, variant, batches, device)
+        if (cast_by := getattr(engine.module, FP8_CASTS_ATTR, None)) is not None:
+            casts[recipe] = cast_by
         losses = [step()[0]["loss"] for _ in range(steps)]
         curves[recipe] = torch.stack(losses).float().tolist()  # one sync per curve
         log.info("%s: loss %.4f -> %.4f over %d steps", recipe, curves[recipe][0], curves[recipe][-1], steps)
@@ -96,7 +99,7 @@ def loss_curves(cfg: SFDConfig, base: Variant, recipes: list[str], steps: int, b
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "data": source, "batch_size": batch_size, "pool": pool, "steps": steps, "window": window,
             "model": {"size": cfg.model.size, "depth": cfg.model.depth, "hidden_size": cfg.model.hidden_size},
-            "compile": base.compile, "reference": recipes[0], "curves": dict(curves),
+            "compile": base.compile, "reference": recipes[0], "curves": dict(curves), "fp8_casts": dict(casts),
             "against_reference": {r: compare(curves[recipes[0]], curves[r], window) for r in curves if r != recipes[0]},
         }
         if on_curve is not None:
@@ -113,4 +116,5 @@ def format_comparison(report: dict) -> str:
         cells = ["-", "-", "-"] if gap is None else [f"{gap['mean_relative_gap']:.2%}", f"{gap['max_relative_gap']:.2%}",
                                                      f"{gap['final_loss_ratio']:.4f}"]
         lines.append(f"| {recipe} | {curve[0]:.4f} | {curve[-1]:.4f} | " + " | ".join(cells) + " |")
+    lines += [f"{recipe}: FP8 casts by {cast_by}" for recipe, cast_by in report.get("fp8_casts", {}).items()]
     return "\n".join(lines)

@@ -99,7 +99,7 @@ def test_launcher_times_the_step_and_writes_the_json(tmp_path):
         assert run["tflops_per_s"] == pytest.approx(report["step_tflop"] / run["step_s_median"])
         assert run["mfu"]["vs_measured_ceiling"] == pytest.approx(
             run["tflops_per_s"] / report["matmul_ceiling_tflops_per_s"])
-        assert run["mfu"]["vs_datasheet_peak"] is None
+        assert run["mfu"]["vs_datasheet_peak"] is None and run["fp8_casts"] is None
     assert report["baseline"]["attention"] == "sdpa" and report["baseline"]["compile"] == "none"
     ratio = report["images_per_s"] / report["baseline"]["images_per_s"]
     assert report["speedup_vs_baseline"] == pytest.approx(ratio)
@@ -248,10 +248,12 @@ def test_launcher_sync_free_and_graphed_steps_need_the_fused_optimizer(tmp_path)
     assert report["sync_free"] is True and report["cuda_graph"] is False and len(report["step_s_all"]) == 2
     refused = bench("--warmup", "2", "--cuda-graph", "--set", "optim.fused_ema=true")
     assert refused.returncode != 0 and "--cuda-graph needs --warmup 3 or more" in refused.stderr
-    done = bench("--warmup", "3", "--cuda-graph", "--set", "optim.fused_ema=true", "--json", str(out))
+    # With our delayed FP8, whose casts are Triton kernels (interpreted here) after their start-up check.
+    done = bench("--warmup", "3", "--cuda-graph", "--set", "optim.fused_ema=true", "--fp8", "delayed", "--json", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["cuda_graph"] is True and "| none, step graph |" in done.stdout
+    assert report["cuda_graph"] is True and "| none, step graph | no | delayed |" in done.stdout
+    assert report["fp8_casts"] == "triton" and "configured: FP8 casts by triton" in done.stdout
 
 
 def test_trainer_benchmark_times_both_loops_through_the_loader(tmp_path):

@@ -1,5 +1,6 @@
 """FP8 training linears (torchao float8, emulated on the CPU) and the bf16-vs-FP8 loss-curve tool."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,11 +85,15 @@ def test_compare_precision_trains_both_recipes_from_the_same_start(tmp_path):
     args = [*TINY_MODEL_ARGS, "--set", "train.device=cpu", "--set", "train.precision=bf16", "--set", "optim.lr=3e-3",
             "--recipes", "none", "rowwise", "delayed", "bf16_residual", "--steps", "30", "--batch-size", "8",
             "--pool", "4", "--json", str(out)]
+    cpu_only = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # no Triton kernels here
     done = subprocess.run([sys.executable, "launchers/compare_precision.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=cpu_only)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| rowwise |" in done.stdout
+    assert "| rowwise |" in done.stdout and "rowwise: FP8 casts by torchao" in done.stdout
     report = json.loads(out.read_text())
+    # Each FP8 curve says what cast its tensors: torchao's, or ours (the PyTorch twins without CUDA).
+    assert report["fp8_casts"] == {"rowwise": "torchao", "delayed": "pytorch (they need a CUDA device (got cpu; "
+                                                                    "the CPU runs them only under TRITON_INTERPRET=1))"}
     bf16, fp8 = report["curves"]["none"], report["curves"]["rowwise"]
     assert len(bf16) == len(fp8) == 30 and report["data"] == "synthetic" and report["reference"] == "none"
     assert bf16[0] == fp8[0]                       # same seed, same batch, same draws: same first loss

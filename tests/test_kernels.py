@@ -374,9 +374,12 @@ def test_delayed_fp8_casts_with_the_kernels_only_where_they_passed_the_check(mon
         assert all(m.cast_transpose is reference.fp8_cast_transpose_reference for m in linears)
         assert mlp.swiglu_cast is reference.fp8_swiglu_cast_reference
         assert "disagree with their PyTorch twins" in caplog.text and failures[0] in caplog.text
+        # Figures and loss curves name the casts they ran with (sfd_scale/bench.py, precision_curve.py).
+        assert model.fp8_casts == f"pytorch (the start-up check failed: {failures[0]})"
     else:
         assert all(m.cast_transpose is fp8_cast.fp8_cast_transpose for m in linears)
         assert mlp.swiglu_cast is fp8_cast.fp8_swiglu_cast and not caplog.records
+        assert model.fp8_casts == "triton"
 
 
 @needs_triton

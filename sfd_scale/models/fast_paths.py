@@ -266,6 +266,9 @@ FP8_RECIPES = ("none", "tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed")
 FP8_LINEARS = re.compile(r"^blocks\.\d+\.(.+\.)?(attn\.(qkv|proj)|mlp\.(w12|w3))$")
 """The linears FP8 replaces: every block's large matmuls (8192 x 1536 x 4096 at XXL batch 32),
 also inside an activation-checkpointing wrapper."""
+FP8_CASTS_ATTR = "fp8_casts"
+"""The attribute `apply_fp8` leaves on the model: what casts its FP8 tensors ('torchao'; 'triton',
+our kernels; or 'pytorch (why)', their twins), so a figure or a loss curve says which ran."""
 
 
 def fp8_unavailable(device: torch.device, recipe: str = "tensorwise") -> str | None:
@@ -280,8 +283,9 @@ def fp8_unavailable(device: torch.device, recipe: str = "tensorwise") -> str | N
 
 
 def apply_fp8(model: nn.Module, recipe: str, device: torch.device) -> int:
-    """Swap the blocks' large linears for torchao float8 training linears in place (same parameters,
-    same state-dict keys); returns how many. Raises ValueError when FP8 cannot run on `device`."""
+    """Swap the blocks' large linears for FP8 training linears in place (same parameters, same
+    state-dict keys); returns how many. Raises ValueError when FP8 cannot run on `device`. The model
+    then says what casts its FP8 tensors in `model.fp8_casts` (FP8_CASTS_ATTR): figures name it."""
     if recipe not in FP8_RECIPES:
         raise ValueError(f"model.fp8={recipe!r} is unknown (known: {', '.join(FP8_RECIPES)})")
     if recipe == "none":
@@ -306,6 +310,7 @@ def apply_fp8(model: nn.Module, recipe: str, device: torch.device) -> int:
         return take
 
     convert_to_float8_training(model, module_filter_fn=wanted, config=config)
+    setattr(model, FP8_CASTS_ATTR, "torchao")
     log.info("FP8 (torchao, %s recipe%s): %d linear layers", recipe, ", emulated on the CPU" if emulated else "",
              len(converted))
     return len(converted)
@@ -324,12 +329,13 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
     # The weights' and output gradients' casts to both FP8 layouts, and a SwiGLU's activation and
     # its gradient with theirs: our Triton kernels where Triton runs (one read of a tensor instead
     # of several) and they match their twins on this device, else the same arithmetic in PyTorch.
-    kernels = fused_kernels_unavailable(device) is None
+    unavailable = fused_kernels_unavailable(device)
+    kernels, casts = unavailable is None, f"pytorch ({unavailable})"
     if kernels and (failures := fp8_kernel_failures(str(device))):
         log.warning("FP8 (delayed): our Triton cast kernels disagree with their PyTorch twins on %s, so the casts "
                     "run in PyTorch (correct, slower). Triton %s miscompiles them here (docs/benchmarks.md, "
                     "sessions 10 and 11): %s", _device_name(device), _triton_version(), " | ".join(failures))
-        kernels = False
+        kernels, casts = False, f"pytorch (the start-up check failed: {failures[0]})"
     if kernels:
         from sfd_scale.kernels import fp8_cast as ops
         cast_transpose, swiglu_ops = ops.fp8_cast_transpose, (ops.fp8_swiglu_cast, ops.fp8_swiglu_backward_cast)
@@ -351,6 +357,7 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
             setattr(model.get_submodule(parent_name), child, Float8DelayedSwiGLU(module.w12, module.w3, *swiglu_ops))
             fused += 1
     register_fold_hook(model)  # the histories and scales move on once a step, for all layers at once
+    setattr(model, FP8_CASTS_ATTR, "triton" if kernels else casts)
     log.info("FP8 (delayed scaling, ours): %d linear layers, %d SwiGLUs fused with their casts; casts by %s",
              len(chosen), fused, "the Triton kernels (they match their PyTorch twins here: start-up check)"
              if kernels else "PyTorch")
