@@ -55,24 +55,31 @@ _MAX = tl.standard._elementwise_max
 _SUM = tl.standard._sum_combine
 
 
-@triton.jit
-def _magnitude(v):
-    # |v| with NaN as +inf. Either makes a cast's amax non-finite, which the finishing kernel
-    # records as 0 (as the twins do), and the max over magnitudes then meets no NaN: a plain max,
-    # not a NaN-propagating one. That one (PTX max.NaN.f32) is what Triton miscompiled FP8 stores
-    # around on Hopper (triton-lang/triton#11111; these kernels' CUDA tests, docs/benchmarks.md).
-    return tl.where(v != v, float("inf"), tl.abs(v))
+# No float min or max in a kernel that stores FP8. Triton miscompiled such kernels' FP8 stores on
+# Hopper when they held a NaN-propagating one (PTX max.NaN.f32: triton-lang/triton#11111, and these
+# kernels' CUDA tests, docs/benchmarks.md); only a compare and select is reported clean, and it
+# doubled a cast's registers here. So the amax is an integer max over the magnitudes' bits, and the
+# saturation is the conversion's own (PTX cvt.rn.satfinite: beyond the largest finite value, inf
+# included, gives that value; NaN stays NaN), as the twins clamp.
 
 
 @triton.jit
-def _to_fp8(v, scale, fp8_max, dtype: tl.constexpr):
-    # Scaled and saturated to the FP8 range (as the twins clamp), rounded to nearest by the cast.
-    return tl.minimum(tl.maximum(v * scale, -fp8_max), fp8_max).to(dtype)
+def _magnitude_bits(v):
+    # |v| as int32 bits (sign bit cleared): non-negative floats order as their bits do and a NaN's
+    # lie above inf's, so a max of these is an integer max (PTX max.s32), and NaN or inf makes the
+    # amax non-finite, which the finishing kernel records as 0, as the twins do.
+    return v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _amax(largest_bits):
+    # The float amax of a tile of magnitude bits.
+    return tl.reduce(tl.reduce(largest_bits, 1, _MAX), 0, _MAX).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _cast_transpose_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, colsum_part_ptr, rows, cols,
-                           fp8_max, COLUMN_SUMS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                           COLUMN_SUMS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                            ROW_BLOCKS: tl.constexpr, STAGES: tl.constexpr):
     # A program casts ROW_BLOCKS blocks down one column strip; its amax and column sums accumulate
     # elementwise and are reduced once, after the loop.
@@ -80,28 +87,27 @@ def _cast_transpose_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, 
     col_block = tl.program_id(1)
     c = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     scale = tl.load(scale_ptr)
-    largest = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
+    largest = tl.full([BLOCK_ROWS, BLOCK_COLS], 0, tl.int32)
     total = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
     for i in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
         r = (row_group * ROW_BLOCKS + i) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         mask = (r[:, None] < rows) & (c[None, :] < cols)
         x = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = _to_fp8(x, scale, fp8_max, out_ptr.dtype.element_ty)
+        y = (x * scale).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + r[:, None] * cols + c[None, :], y, mask=mask)
         # The transposed store: Triton stages the tile through shared memory so each row of out_t
         # is written contiguously.
         tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y, mask=mask)
-        largest = tl.maximum(largest, _magnitude(x))
+        largest = tl.maximum(largest, _magnitude_bits(x))
         if COLUMN_SUMS:
             total += x
-    tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block,
-             tl.reduce(tl.reduce(largest, 1, _MAX), 0, _MAX))
+    tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block, _amax(largest))
     if COLUMN_SUMS:
         tl.store(colsum_part_ptr + row_group * cols + c, tl.reduce(total, 0, _SUM), mask=c < cols)
 
 
 @triton.jit
-def _swiglu_cast_kernel(h_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, rows, hidden, fp8_max,
+def _swiglu_cast_kernel(h_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, rows, hidden,
                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
                         STAGES: tl.constexpr):
     # silu(gate) * value of h = [gate | value] in float32, cast like `_cast_transpose_kernel` casts
@@ -110,24 +116,23 @@ def _swiglu_cast_kernel(h_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, row
     col_block = tl.program_id(1)
     c = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     scale = tl.load(scale_ptr)
-    largest = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
+    largest = tl.full([BLOCK_ROWS, BLOCK_COLS], 0, tl.int32)
     for i in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
         r = (row_group * ROW_BLOCKS + i) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         mask = (r[:, None] < rows) & (c[None, :] < hidden)
         gate = tl.load(h_ptr + r[:, None] * 2 * hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
         value = tl.load(h_ptr + r[:, None] * 2 * hidden + hidden + c[None, :], mask=mask, other=0.0).to(tl.float32)
         a = gate / (1.0 + tl.exp(-gate)) * value
-        y = _to_fp8(a, scale, fp8_max, out_ptr.dtype.element_ty)
+        y = (a * scale).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + r[:, None] * hidden + c[None, :], y, mask=mask)
         tl.store(out_t_ptr + c[None, :] * rows + r[:, None], y, mask=mask)
-        largest = tl.maximum(largest, _magnitude(a))
-    tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block,
-             tl.reduce(tl.reduce(largest, 1, _MAX), 0, _MAX))
+        largest = tl.maximum(largest, _magnitude_bits(a))
+    tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block, _amax(largest))
 
 
 @triton.jit
 def _swiglu_backward_cast_kernel(h_ptr, dg_ptr, scale_ptr, out_ptr, out_t_ptr, amax_part_ptr, colsum_part_ptr, rows,
-                                 hidden, fp8_max, COLUMN_SUMS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                                 hidden, COLUMN_SUMS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                                  BLOCK_COLS: tl.constexpr, ROW_BLOCKS: tl.constexpr, STAGES: tl.constexpr):
     # The gradient of w12's output h = [gate | value] from the SwiGLU's output gradient dg, cast
     # like `_cast_transpose_kernel` casts a given matrix: the tile's gate and value columns at once.
@@ -136,7 +141,7 @@ def _swiglu_backward_cast_kernel(h_ptr, dg_ptr, scale_ptr, out_ptr, out_t_ptr, a
     c = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     width = 2 * hidden
     scale = tl.load(scale_ptr)
-    largest = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
+    largest = tl.full([BLOCK_ROWS, BLOCK_COLS], 0, tl.int32)
     total_gate = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
     total_value = tl.full([BLOCK_ROWS, BLOCK_COLS], 0.0, tl.float32)
     for i in tl.range(0, ROW_BLOCKS, num_stages=STAGES):
@@ -148,18 +153,17 @@ def _swiglu_backward_cast_kernel(h_ptr, dg_ptr, scale_ptr, out_ptr, out_t_ptr, a
         sig = 1.0 / (1.0 + tl.exp(-gate))
         d_gate = dg * value * sig * (1.0 + gate * (1.0 - sig))  # d silu(g)/dg = sig * (1 + g * (1 - sig))
         d_value = dg * gate * sig
-        cast_gate = _to_fp8(d_gate, scale, fp8_max, out_ptr.dtype.element_ty)
-        cast_value = _to_fp8(d_value, scale, fp8_max, out_ptr.dtype.element_ty)
+        cast_gate = (d_gate * scale).to(out_ptr.dtype.element_ty)
+        cast_value = (d_value * scale).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + r[:, None] * width + c[None, :], cast_gate, mask=mask)
         tl.store(out_ptr + r[:, None] * width + hidden + c[None, :], cast_value, mask=mask)
         tl.store(out_t_ptr + c[None, :] * rows + r[:, None], cast_gate, mask=mask)
         tl.store(out_t_ptr + (hidden + c[None, :]) * rows + r[:, None], cast_value, mask=mask)
-        largest = tl.maximum(largest, tl.maximum(_magnitude(d_gate), _magnitude(d_value)))
+        largest = tl.maximum(largest, tl.maximum(_magnitude_bits(d_gate), _magnitude_bits(d_value)))
         if COLUMN_SUMS:
             total_gate += d_gate
             total_value += d_value
-    tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block,
-             tl.reduce(tl.reduce(largest, 1, _MAX), 0, _MAX))
+    tl.store(amax_part_ptr + row_group * tl.num_programs(1) + col_block, _amax(largest))
     if COLUMN_SUMS:
         tl.store(colsum_part_ptr + row_group * width + c, tl.reduce(total_gate, 0, _SUM), mask=c < hidden)
         tl.store(colsum_part_ptr + row_group * width + hidden + c, tl.reduce(total_value, 0, _SUM), mask=c < hidden)
@@ -186,11 +190,11 @@ def _finish_kernel(amax_part_ptr, parts, amax_out_ptr, colsum_part_ptr, sums_ptr
     program = tl.program_id(0)
     if program == 0:
         offsets = tl.arange(0, AMAX_BLOCK)
-        largest = tl.full([AMAX_BLOCK], 0.0, tl.float32)
+        largest = tl.full([AMAX_BLOCK], 0, tl.int32)
         for start in range(0, parts, AMAX_BLOCK):
             part = tl.load(amax_part_ptr + start + offsets, mask=start + offsets < parts, other=0.0)
-            largest = tl.maximum(largest, part)  # magnitudes: no NaN among them
-        amax = tl.reduce(largest, 0, _MAX)
+            largest = tl.maximum(largest, part.to(tl.int32, bitcast=True))  # magnitudes: see _magnitude_bits
+        amax = tl.reduce(largest, 0, _MAX).to(tl.float32, bitcast=True)
         tl.store(amax_out_ptr, tl.where(amax < float("inf"), amax, 0.0))  # NaN and inf fail the test
     if COLUMN_SUMS:
         c = program * SUM_COLS + tl.arange(0, SUM_COLS)
@@ -211,8 +215,8 @@ def cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
     `tile` is for launchers/bench_fp8_kernels.py's comparisons."""
     rows, cols = x.shape
     return _launch(rows, cols, cols, fp8_dtype, amax_out, sums_dtype, x.device, tile,
-                   lambda grid, out, out_t, amax_part, colsum_part, fp8_max, **meta: _cast_transpose_kernel[grid](
-                       x, scale, out, out_t, amax_part, colsum_part, rows, cols, fp8_max,
+                   lambda grid, out, out_t, amax_part, colsum_part, **meta: _cast_transpose_kernel[grid](
+                       x, scale, out, out_t, amax_part, colsum_part, rows, cols,
                        COLUMN_SUMS=sums_dtype is not None, **meta))
 
 
@@ -221,8 +225,8 @@ def swiglu_cast(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, am
     """`sfd_scale.kernels.fp8_cast.fp8_swiglu_cast` on a contiguous matrix, by the kernels."""
     rows, hidden = h.shape[0], h.shape[1] // 2
     cast, cast_t, _ = _launch(rows, hidden, hidden, fp8_dtype, amax_out, None, h.device, tile,
-                              lambda grid, out, out_t, amax_part, colsum_part, fp8_max, **meta: _swiglu_cast_kernel[
-                                  grid](h, scale, out, out_t, amax_part, rows, hidden, fp8_max, **meta))
+                              lambda grid, out, out_t, amax_part, colsum_part, **meta: _swiglu_cast_kernel[
+                                  grid](h, scale, out, out_t, amax_part, rows, hidden, **meta))
     return cast, cast_t
 
 
@@ -232,8 +236,8 @@ def swiglu_backward_cast(h: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor,
     """`sfd_scale.kernels.fp8_cast.fp8_swiglu_backward_cast` on contiguous matrices, by the kernels."""
     rows, hidden = dg.shape
     return _launch(rows, 2 * hidden, hidden, fp8_dtype, amax_out, sums_dtype, h.device, tile,
-                   lambda grid, out, out_t, amax_part, colsum_part, fp8_max, **meta: _swiglu_backward_cast_kernel[grid](
-                       h, dg, scale, out, out_t, amax_part, colsum_part, rows, hidden, fp8_max,
+                   lambda grid, out, out_t, amax_part, colsum_part, **meta: _swiglu_backward_cast_kernel[grid](
+                       h, dg, scale, out, out_t, amax_part, colsum_part, rows, hidden,
                        COLUMN_SUMS=sums_dtype is not None, **meta))
 
 
@@ -268,20 +272,25 @@ def _launch(rows: int, cols: int, tiled_cols: int, fp8_dtype: torch.dtype, amax_
     (cast, cast transposed, column sums)."""
     _check_offsets(rows, cols)
     tile = Tile(*tile)
-    # Triton's interpreter rounds to FP8 wrongly (-7.875 -> -4.0 in e5m2): interpreted, the kernel
-    # stores the float32 values it would round, and torch rounds them (a GPU rounds in the kernel).
-    stored = torch.float32 if triton_interpreting() else fp8_dtype
+    # Triton's interpreter rounds to FP8 wrongly (-7.875 -> -4.0 in e5m2) and does not saturate:
+    # interpreted, the kernel stores the float32 values it would convert, and torch saturates and
+    # rounds them as a GPU's conversion does in the kernel.
+    interpreted = triton_interpreting()
+    stored = torch.float32 if interpreted else fp8_dtype
     out = torch.empty((rows, cols), dtype=stored, device=device)
     out_t = torch.empty((cols, rows), dtype=stored, device=device)
     grid = (triton.cdiv(rows, tile.rows * tile.row_blocks), triton.cdiv(tiled_cols, tile.cols))
     column_sums = sums_dtype is not None
     amax_part = torch.empty(grid, dtype=torch.float32, device=device)
     colsum_part = torch.empty((grid[0], cols) if column_sums else (0,), dtype=torch.float32, device=device)
-    cast_kernel(grid, out, out_t, amax_part, colsum_part, torch.finfo(fp8_dtype).max, BLOCK_ROWS=tile.rows,
-                BLOCK_COLS=tile.cols, ROW_BLOCKS=tile.row_blocks, STAGES=tile.stages, num_warps=tile.warps)
+    cast_kernel(grid, out, out_t, amax_part, colsum_part, BLOCK_ROWS=tile.rows, BLOCK_COLS=tile.cols,
+                ROW_BLOCKS=tile.row_blocks, STAGES=tile.stages, num_warps=tile.warps)
     sums = torch.empty((cols,) if column_sums else (0,), dtype=sums_dtype or torch.float32, device=device)
     finish_grid = (triton.cdiv(cols, _FINISH_SUM_COLS) if column_sums else 1,)
     _finish_kernel[finish_grid](amax_part, amax_part.numel(), amax_out, colsum_part, sums, grid[0], cols,
                                 COLUMN_SUMS=column_sums, **_finish_tiles(amax_part.numel(), grid[0]),
                                 num_warps=_FINISH_WARPS)
-    return out.to(fp8_dtype), out_t.to(fp8_dtype), sums
+    if interpreted:
+        fp8_max = torch.finfo(fp8_dtype).max
+        out, out_t = out.clamp_(-fp8_max, fp8_max).to(fp8_dtype), out_t.clamp_(-fp8_max, fp8_max).to(fp8_dtype)
+    return out, out_t, sums
