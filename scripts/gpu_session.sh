@@ -211,6 +211,9 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("xxl_*.json")):
               f"{run['tflops_per_s']:6.1f} TFLOP/s MFU {run['mfu']['vs_measured_ceiling']:.1%} peak {run['peak_mem_gib'] or 0:.1f} GiB")
     if r.get("fp8_casts"):
         print(f"  FP8 casts by {r['fp8_casts']}")
+    if "host_s_median" in r:
+        print(f"  one by one: host {r['host_s_median']*1e3:.1f} ms a step; steps "
+              f"{min(r['step_s_all'])*1e3:.1f}-{max(r['step_s_all'])*1e3:.1f} ms")
     if "images_per_s_back_to_back" in r:
         print(f"  back to back: {r['images_per_s_back_to_back']:.1f} img/s, {r['step_s_back_to_back']*1e3:.1f} ms/step")
     if r.get("host_syncs"):

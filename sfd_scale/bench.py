@@ -329,7 +329,14 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
     try:
         for _ in range(options.warmup_steps):
             step()
-        times = [_timed(step, device) for _ in range(options.steps)]
+        host: list[float] = []  # how long the host takes to issue each timed step (draws, copies, launches)
+
+        def issued(run: Callable[[], None] = step) -> None:
+            start = time.perf_counter()
+            run()
+            host.append(time.perf_counter() - start)
+
+        times = [_timed(issued, device) for _ in range(options.steps)]
         # The same number of steps queued back to back, one wait at the end: how a training loop that
         # never waits inside a step runs (the per-step figure above is how the reference is timed).
         back_to_back = _timed(lambda run=step: [run() for _ in range(options.steps)], device) / options.steps
@@ -352,7 +359,8 @@ def measure(cfg: SFDConfig, variant: Variant, options: BenchOptions, device: tor
             "fp8_casts": fp8_casts,
             "residual": variant.residual, "sync_free": variant.sync_free, "cuda_graph": variant.cuda_graph,
             "fused_kernels": variant.fused_kernels, "images_per_s": options.batch_size / median,
-            "step_s_median": median, "step_s_all": times, "step_s_back_to_back": back_to_back,
+            "step_s_median": median, "step_s_all": times, "host_s_all": host, "host_s_median": statistics.median(host),
+            "step_s_back_to_back": back_to_back,
             "images_per_s_back_to_back": options.batch_size / back_to_back, "peak_mem_gib": peak, "host_syncs": syncs,
             **({"profile": profile} if profile is not None else {})}
 
@@ -446,6 +454,8 @@ def format_table(report: dict) -> str:
                  _cell(r["peak_mem_gib"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     for r in [report] + ([report["baseline"]] if "baseline" in report else []):
+        lines.append(f"{r['label']}: one by one, the host issued a step in {r['host_s_median']:.4g} s (median; "
+                     f"steps took {min(r['step_s_all']):.4g}-{max(r['step_s_all']):.4g} s)")
         lines.append(f"{r['label']}: {len(r['step_s_all'])} steps back to back (no wait between them): "
                      f"{r['images_per_s_back_to_back']:.4g} images/s, {r['step_s_back_to_back']:.4g} s/step")
         if r.get("fp8_casts"):

@@ -86,12 +86,16 @@ def test_launcher_times_the_step_and_writes_the_json(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| configured | sdpa | none | no |" in done.stdout and "| plain eager |" in done.stdout
     assert "configured: 3 steps back to back (no wait between them)" in done.stdout
+    assert "configured: one by one, the host issued a step in" in done.stdout
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["batch_size"] == 4 and report["precision"] == "float32"
     assert report["step_tflop"] * 1e12 == count_step_flops(tiny_model(), 4, with_repa=True)
     assert report["datasheet_peak_tflops_per_s"] is None and report["matmul_ceiling_tflops_per_s"] > 0
     for run in (report, report["baseline"]):
         assert len(run["step_s_all"]) == 3 and run["peak_mem_gib"] is None
+        # On the CPU the host does all of a step, inside the step's own timing.
+        assert len(run["host_s_all"]) == 3 and all(0 < h <= t for h, t in zip(run["host_s_all"], run["step_s_all"]))
+        assert run["host_s_median"] == sorted(run["host_s_all"])[1]
         assert run["step_s_median"] == sorted(run["step_s_all"])[1]
         assert run["images_per_s"] == pytest.approx(4 / run["step_s_median"])
         assert run["images_per_s_back_to_back"] == pytest.approx(4 / run["step_s_back_to_back"]) and \
