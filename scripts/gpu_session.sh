@@ -127,7 +127,8 @@ run_named() {
     # (scripts/gpu_probes.py says what each prints).
     fp8_probe) step fp8_kernels_against_twins 60 $PY scripts/gpu_probes.py fp8 ;;
     sums_probe) step fp32_sums_of_a_block 150 $PY scripts/gpu_probes.py sums ;;
-    fp8_kernels) step fp8_cast_kernels_and_tiles 100 $PY launchers/bench_fp8_kernels.py --json "$OUT/fp8_kernels.json" ;;
+    # 14 s on the H100 with session 10's 6 tiles; now 20, each compiled once.
+    fp8_kernels) step fp8_cast_kernels_and_tiles 60 $PY launchers/bench_fp8_kernels.py --json "$OUT/fp8_kernels.json" ;;
     # The kernels inductor generates for one XXL block on this GPU, and every kernel one compiled
     # step of the block launches with its time (which operator runs the 101 fp32 sums a step?).
     plan_cuda) step kernel_plan_on_the_gpu 100 $PY launchers/kernel_plan.py --device cuda --size XXL --batch-size 32 \
@@ -190,13 +191,13 @@ STEPS=("$@")
 # curve second, so a run cut short still has it). Then, in a second call: full activation
 # checkpointing (issue 7's second target, 130 images/s, measured on the H200 only), the reference
 # with plain tuning (issue 7 asks for it beside our figures, same session), our FP8 kernels on every
-# tile, the fp32 sums probe (mix-order reduction on, off, fewer splits), the trainer loop
-# with the step graph; delayed FP8 and bf16 alone; the plan of one XXL block on this GPU; the tests
+# tile, the trainer loop with the step graph, the fp32 sums probe (mix-order reduction on, off,
+# fewer splits); delayed FP8 and bf16 alone; the plan of one XXL block on this GPU; the tests
 # of the captured step, our step without the whole-step graph (its profile names the ops behind
 # each kernel), the reference as shipped, and the rest. torchao's tensorwise
 # and rowwise-with-bf16-weight-gradient come late: the kernel plan predicts both lose to their
 # casts, as rowwise did.
-(( ${#STEPS[@]} )) || STEPS=(env fp8_gpu_tests graph_delayed_residual fp8_curve ac_blocks reference_tuned fp8_kernels sums_probe trainer_graph graph_delayed graph plan_cuda graph_tests weights reference graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
+(( ${#STEPS[@]} )) || STEPS=(env fp8_gpu_tests graph_delayed_residual fp8_curve ac_blocks reference_tuned fp8_kernels trainer_graph sums_probe graph_delayed graph plan_cuda graph_tests weights reference graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
   graph_tensorwise best_tensorwise best_gw_hp tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
   blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
