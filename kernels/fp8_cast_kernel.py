@@ -7,7 +7,10 @@ transpose of an FP8 matrix. Uses Triton builtins only: see the package docstring
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import os
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -37,6 +40,46 @@ SWIGLU_BACKWARD_TILE = Tile(64, 32, 8)
 """The SwiGLU gradient kernel's programs: 64 x 64 with 4 warps held 201 registers a thread (sm_90
 ptxas), so an SM ran 8 warps and the kernel moved ~1.9 TB/s on an H200; 64 x 32 with 8 warps
 holds 80, and an SM runs 24 warps."""
+DEFAULT_TILES = {"cast_transpose": CAST_TILE, "swiglu_cast": CAST_TILE, "swiglu_backward_cast": SWIGLU_BACKWARD_TILE}
+"""Each cast kernel's tile when nothing says otherwise."""
+TILES_ENV = "SFD_FP8_TILES"
+"""Environment variable that overrides tiles, e.g. `swiglu_backward_cast=64x32x8x4x3,cast_transpose=64x64x8`
+(rows x columns x warps[ x row blocks x stages], see `Tile`): how a GPU session runs a whole step on
+the tiles `launchers/bench_fp8_kernels.py` found fastest before they become the defaults."""
+
+
+def tile_name(tile: Tile) -> str:
+    """The tile as `TILES_ENV` writes it: 64x32x8, or 64x32x8x4x3 where a program loops down the rows."""
+    tile = Tile(*tile)
+    return "x".join(map(str, tile if (tile.row_blocks, tile.stages) != (1, 1) else tile[:3]))
+
+
+def parse_tiles(spec: str) -> dict[str, Tile]:
+    """The tiles a `TILES_ENV` value names; ValueError naming the variable and the bad part."""
+    tiles = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        op, _, sizes = part.partition("=")
+        try:
+            numbers = [int(n) for n in sizes.split("x")]
+            tile = Tile(*numbers) if 3 <= len(numbers) <= 5 else None
+        except ValueError:
+            tile = None
+        if op not in DEFAULT_TILES or tile is None or min(tile) < 1 or any(n & (n - 1) for n in tile[:3]):
+            raise ValueError(f"{TILES_ENV}: {part!r} is not OP=ROWSxCOLSxWARPS[xROW_BLOCKSxSTAGES] with OP one of "
+                             f"{', '.join(DEFAULT_TILES)} and powers of two for rows, columns and warps")
+        tiles[op] = tile
+    return tiles
+
+
+def active_tiles() -> Mapping[str, Tile]:
+    """Each cast kernel's tile: the defaults, overridden by `TILES_ENV` (read at each call, so a
+    process that sets it before its first cast runs on it)."""
+    return _tiles_for(os.environ.get(TILES_ENV, ""))
+
+
+@functools.cache
+def _tiles_for(spec: str) -> Mapping[str, Tile]:
+    return MappingProxyType({**DEFAULT_TILES, **parse_tiles(spec)})
 _FINISH_AMAX_BLOCK = 16384
 """Most amax partials the finishing kernel loads at once: all of them at XXL's sizes (<= 16,384)."""
 _FINISH_SUM_ROWS = 128
@@ -209,11 +252,12 @@ def _finish_kernel(amax_part_ptr, parts, amax_out_ptr, colsum_part_ptr, sums_ptr
 
 
 def cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
-                   sums_dtype: torch.dtype | None, tile: Tile = CAST_TILE
+                   sums_dtype: torch.dtype | None, tile: Tile | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`sfd_scale.kernels.fp8_cast.fp8_cast_transpose` on a contiguous matrix, by the kernels; another
-    `tile` is for launchers/bench_fp8_kernels.py's comparisons."""
+    """`sfd_scale.kernels.fp8_cast.fp8_cast_transpose` on a contiguous matrix, by the kernels, on
+    `tile` (default: `active_tiles()`; launchers/bench_fp8_kernels.py compares others)."""
     rows, cols = x.shape
+    tile = tile or active_tiles()["cast_transpose"]
     return _launch(rows, cols, cols, fp8_dtype, amax_out, sums_dtype, x.device, tile,
                    lambda grid, out, out_t, amax_part, colsum_part, **meta: _cast_transpose_kernel[grid](
                        x, scale, out, out_t, amax_part, colsum_part, rows, cols,
@@ -221,9 +265,10 @@ def cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
 
 
 def swiglu_cast(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, amax_out: torch.Tensor,
-                tile: Tile = CAST_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+                tile: Tile | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sfd_scale.kernels.fp8_cast.fp8_swiglu_cast` on a contiguous matrix, by the kernels."""
     rows, hidden = h.shape[0], h.shape[1] // 2
+    tile = tile or active_tiles()["swiglu_cast"]
     cast, cast_t, _ = _launch(rows, hidden, hidden, fp8_dtype, amax_out, None, h.device, tile,
                               lambda grid, out, out_t, amax_part, colsum_part, **meta: _swiglu_cast_kernel[
                                   grid](h, scale, out, out_t, amax_part, rows, hidden, **meta))
@@ -231,10 +276,11 @@ def swiglu_cast(h: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, am
 
 
 def swiglu_backward_cast(h: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
-                         amax_out: torch.Tensor, sums_dtype: torch.dtype | None, tile: Tile = SWIGLU_BACKWARD_TILE
+                         amax_out: torch.Tensor, sums_dtype: torch.dtype | None, tile: Tile | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sfd_scale.kernels.fp8_cast.fp8_swiglu_backward_cast` on contiguous matrices, by the kernels."""
     rows, hidden = dg.shape
+    tile = tile or active_tiles()["swiglu_backward_cast"]
     return _launch(rows, 2 * hidden, hidden, fp8_dtype, amax_out, sums_dtype, h.device, tile,
                    lambda grid, out, out_t, amax_part, colsum_part, **meta: _swiglu_backward_cast_kernel[grid](
                        h, dg, scale, out, out_t, amax_part, colsum_part, rows, hidden,

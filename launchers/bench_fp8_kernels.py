@@ -1,7 +1,9 @@
 """Time our FP8 cast kernels (kernels/fp8_cast_kernel.py) on the matrices one block of a delayed-FP8
 step casts, and the three large ones on other tiles (programs looping down the rows among them):
 microseconds a call and the copy rate from the bytes each must move. What a whole-step profile
-cannot say: which tile is fastest.
+cannot say: which tile is fastest. It prints (and writes as `fastest_tiles`) the fastest tile of
+each compared kernel in the form `SFD_FP8_TILES` takes, so a step can run on them
+(`fp8_cast_kernel.TILES_ENV`).
 
   python launchers/bench_fp8_kernels.py --json runs/bench/fp8_kernels.json    # GPU, XXL's shapes
   TRITON_INTERPRET=1 python launchers/bench_fp8_kernels.py --tokens 64 --dim 32 --hidden 32 --repeats 1
@@ -40,8 +42,12 @@ def describe(tile: tuple[int, ...]) -> str:
     return f"{tile.rows}x{tile.cols} {tile.warps} warps{loop}"
 
 
-def _cases(tokens: int, dim: int, hidden: int, device: torch.device) -> list[tuple[str, int, Callable[[], object]]]:
-    """(name, bytes moved, call) of each cast a block's step makes, each on its tiles."""
+Case = tuple[str, str | None, tuple[int, ...] | None, int, Callable[[], object]]
+"""(name, op whose tiles it compares or None, tile, bytes moved, call)."""
+
+
+def _cases(tokens: int, dim: int, hidden: int, device: torch.device) -> list[Case]:
+    """Each cast a block's step makes, each on its tiles."""
     g = torch.Generator(device=device).manual_seed(0)
     bf16 = dict(device=device, dtype=torch.bfloat16)
     scale = torch.ones((), device=device)
@@ -56,18 +62,29 @@ def _cases(tokens: int, dim: int, hidden: int, device: torch.device) -> list[tup
             ("cast gradient qkv (+ bias sums)", tokens, 3 * dim, e5m2, torch.bfloat16, CAST_TILES),
             ("cast gradient proj (+ bias sums)", tokens, dim, e5m2, torch.bfloat16, CAST_TILES[:1])):
         x = torch.randn(rows, cols, generator=g, **bf16)
-        cases += [(f"{name}, tile {describe(tile)}", rows * cols * 4,
+        compared = "cast_transpose" if len(tiles) > 1 else None
+        cases += [(f"{name}, tile {describe(tile)}", compared, tile, rows * cols * 4,
                    lambda x=x, fp8=fp8, sums=sums, tile=tile: fp8_cast_kernel.cast_transpose(x, scale, fp8, slot, sums,
                                                                                                tile))
                   for tile in tiles]
-    cases += [(f"swiglu activation cast, tile {describe(tile)}", tokens * hidden * 6,
+    cases += [(f"swiglu activation cast, tile {describe(tile)}", "swiglu_cast", tile, tokens * hidden * 6,
                lambda tile=tile: fp8_cast_kernel.swiglu_cast(h, scale, e4m3, slot, tile)) for tile in SWIGLU_TILES]
     x8 = torch.zeros(tokens, dim, device=device, dtype=e4m3)
-    cases.append(("transpose input", tokens * dim * 2, lambda: fp8_cast_kernel.transpose(x8)))
-    cases += [(f"swiglu gradient cast, tile {describe(tile)}", tokens * hidden * 10,
+    cases.append(("transpose input", None, None, tokens * dim * 2, lambda: fp8_cast_kernel.transpose(x8)))
+    cases += [(f"swiglu gradient cast, tile {describe(tile)}", "swiglu_backward_cast", tile, tokens * hidden * 10,
                lambda tile=tile: fp8_cast_kernel.swiglu_backward_cast(h, dg, scale, e5m2, slot, torch.bfloat16, tile))
               for tile in SWIGLU_BACKWARD_TILES]
     return cases
+
+
+def fastest_tiles(rows: list[dict]) -> dict[str, str]:
+    """Each compared kernel's fastest tile, as `fp8_cast_kernel.TILES_ENV` names it."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        op = row.get("compares")
+        if op is not None and (op not in best or row["us"] < best[op]["us"]):
+            best[op] = row
+    return {op: row["tile"] for op, row in best.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,18 +97,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    for name, nbytes, call in _cases(args.tokens, args.dim, args.hidden, device):
+    for name, compares, tile, nbytes, call in _cases(args.tokens, args.dim, args.hidden, device):
         call()  # compile
         # Calls queued back to back between two events: one call between them would time the
         # host's launches too (~30-100 us here, more than most of these kernels take).
         seconds = min(_timed(lambda: [call() for _ in range(args.repeats)], device) for _ in range(3)) / args.repeats
-        rows.append({"kernel": name, "us": seconds * 1e6, "bytes": nbytes, "tb_per_s": nbytes / seconds / 1e12})
+        rows.append({"kernel": name, "compares": compares, "tile": tile and fp8_cast_kernel.tile_name(tile),
+                     "us": seconds * 1e6, "bytes": nbytes, "tb_per_s": nbytes / seconds / 1e12})
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton's interpreter: not a figure)"
+    fastest = fastest_tiles(rows)
     print(f"{name}, {args.tokens} tokens, width {args.dim}, SwiGLU width {args.hidden}")
     print("| kernel | us/call | MB | TB/s |\n|---|---|---|---|")
     print("\n".join(f"| {r['kernel']} | {r['us']:.1f} | {r['bytes'] / 1e6:.1f} | {r['tb_per_s']:.2f} |" for r in rows))
+    print("fastest: " + fp8_cast_kernel.TILES_ENV + "=" + ",".join(f"{op}={tile}" for op, tile in fastest.items()))
     if args.json:
-        atomic_write_bytes(Path(args.json), (json.dumps({"device": name, "rows": rows}, indent=2) + "\n").encode())
+        report = {"device": name, "rows": rows, "fastest_tiles": fastest}
+        atomic_write_bytes(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -129,6 +129,14 @@ run_named() {
     sums_probe) step fp32_sums_of_a_block 150 $PY scripts/gpu_probes.py sums ;;
     # 14 s on the H100 with session 10's 6 tiles; now 20, each compiled once.
     fp8_kernels) step fp8_cast_kernels_and_tiles 60 $PY launchers/bench_fp8_kernels.py --json "$OUT/fp8_kernels.json" ;;
+    # The 400 images/s candidate again, on the tiles fp8_kernels found fastest (SFD_FP8_TILES): the
+    # same card and session as graph_delayed_residual, before those tiles become the defaults.
+    graph_fastest_tiles)
+      tiles=$($PY -c 'import json, sys; t = json.load(open(sys.argv[1]))["fastest_tiles"]
+print(",".join(f"{op}={tile}" for op, tile in t.items()))' "$OUT/fp8_kernels.json" 2> /dev/null)
+      if [ -z "$tiles" ]; then echo "SKIPPED graph_fastest_tiles (no fastest tiles: run fp8_kernels first)" | tee -a "$OUT/summary.txt"
+      else step step_graph_fp8_delayed_bf16_residual_fastest_tiles 110 env SFD_FP8_TILES="$tiles" $PY "${GRAPH[@]}" \
+        --fp8 delayed --residual bf16 --json "$OUT/xxl_graph_fp8_delayed_bf16_residual_fastest_tiles.json"; fi ;;
     # The kernels inductor generates for one XXL block on this GPU, and every kernel one compiled
     # step of the block launches with its time (which operator runs the 101 fp32 sums a step?).
     plan_cuda) step kernel_plan_on_the_gpu 100 $PY launchers/kernel_plan.py --device cuda --size XXL --batch-size 32 \
@@ -191,13 +199,13 @@ STEPS=("$@")
 # curve second, so a run cut short still has it). Then, in a second call: full activation
 # checkpointing (issue 7's second target, 130 images/s, measured on the H200 only), the reference
 # with plain tuning (issue 7 asks for it beside our figures, same session), our FP8 kernels on every
-# tile, the trainer loop with the step graph, the fp32 sums probe (mix-order reduction on, off,
+# tile, the candidate again on the fastest of them, the trainer loop with the step graph, the fp32 sums probe (mix-order reduction on, off,
 # fewer splits); delayed FP8 and bf16 alone; the plan of one XXL block on this GPU; the tests
 # of the captured step, our step without the whole-step graph (its profile names the ops behind
 # each kernel), the reference as shipped, and the rest. torchao's tensorwise
 # and rowwise-with-bf16-weight-gradient come late: the kernel plan predicts both lose to their
 # casts, as rowwise did.
-(( ${#STEPS[@]} )) || STEPS=(env fp8_gpu_tests graph_delayed_residual fp8_curve ac_blocks reference_tuned fp8_kernels trainer_graph sums_probe graph_delayed graph plan_cuda graph_tests weights reference graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
+(( ${#STEPS[@]} )) || STEPS=(env fp8_gpu_tests graph_delayed_residual fp8_curve ac_blocks reference_tuned fp8_kernels graph_fastest_tiles trainer_graph sums_probe graph_delayed graph plan_cuda graph_tests weights reference graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
   graph_tensorwise best_tensorwise best_gw_hp tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
   blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done

@@ -351,3 +351,11 @@ def test_fp8_kernel_benchmark_times_each_cast_and_the_large_ones_on_every_tile(t
     assert {r["bytes"] for r in rows if r["kernel"] in tiles["swiglu gradient"]} == {64 * 32 * 10}  # bf16 in, FP8 out
     assert "| swiglu gradient cast, tile 64x32 8 warps |" in done.stdout
     assert "| cast gradient qkv (+ bias sums), tile 64x64 8 warps, 8 row blocks, 3 stages |" in done.stdout
+    # The fastest tile of each compared kernel, in the form SFD_FP8_TILES takes (fp8_cast_kernel.parse_tiles).
+    report = json.loads(out.read_text())
+    fastest = {op: min((r for r in rows if r["compares"] == op), key=lambda r: r["us"])["tile"]
+               for op in ("cast_transpose", "swiglu_cast", "swiglu_backward_cast")}
+    assert report["fastest_tiles"] == fastest
+    spec = ",".join(f"{op}={tile}" for op, tile in fastest.items())
+    assert f"fastest: SFD_FP8_TILES={spec}" in done.stdout
+    assert {r["tile"] for r in rows if r["compares"] == "swiglu_backward_cast"} >= {"64x32x8", "64x32x8x4x3"}

@@ -363,7 +363,7 @@ def test_delayed_fp8_casts_with_the_kernels_only_where_they_passed_the_check(mon
     from sfd_scale.models.fp8_delayed import Float8DelayedLinear, Float8DelayedSwiGLU
     from sfd_scale.models.lightningdit import LightningDiTBlock
 
-    monkeypatch.setattr(fast_paths, "fp8_kernel_failures", lambda device: failures)
+    monkeypatch.setattr(fast_paths, "fp8_kernel_failures", lambda device, tiles: failures)
     model = torch.nn.Module()
     model.blocks = torch.nn.ModuleList([LightningDiTBlock(96, 2, 4.0, "sdpa")])  # every linear FP8-sized
     with caplog.at_level("WARNING", logger=fast_paths.log.name):
@@ -380,6 +380,52 @@ def test_delayed_fp8_casts_with_the_kernels_only_where_they_passed_the_check(mon
         assert all(m.cast_transpose is fp8_cast.fp8_cast_transpose for m in linears)
         assert mlp.swiglu_cast is fp8_cast.fp8_swiglu_cast and not caplog.records
         assert model.fp8_casts == "triton"
+
+
+@needs_triton
+def test_fp8_tiles_from_the_environment_drive_the_ops_and_are_named(monkeypatch):
+    # How a GPU session runs a whole step on the tiles launchers/bench_fp8_kernels.py found fastest.
+    from sfd_scale.kernels import fp8_cast, fp8_cast_kernel, reference
+    from sfd_scale.kernels.fp8_cast_kernel import TILES_ENV, Tile
+    from sfd_scale.models import fast_paths
+    from sfd_scale.models.lightningdit import LightningDiTBlock
+
+    launched = []
+    launch = fp8_cast_kernel._launch
+    monkeypatch.setattr(fp8_cast_kernel, "_launch", lambda *args: launched.append(args[7]) or launch(*args))
+    monkeypatch.setenv(TILES_ENV, "swiglu_backward_cast=64x64x8x2x2, cast_transpose=32x64x4")
+    g = torch.Generator().manual_seed(0)
+    x, h, dg = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((96, 64), (96, 128), (96, 64)))
+    scale, slots = torch.tensor(4.0, device=DEVICE), torch.zeros(2, device=DEVICE)
+    e5m2 = torch.float8_e5m2
+    for kernel, twin in ((fp8_cast.fp8_cast_transpose(x, scale, e5m2, slots[:1], None),
+                          reference.fp8_cast_transpose_reference(x, scale, e5m2, slots[1:], None)),
+                         (fp8_cast.fp8_swiglu_backward_cast(h, dg, scale, e5m2, slots[:1], None),
+                          reference.fp8_swiglu_backward_cast_reference(h, dg, scale, e5m2, slots[1:], None))):
+        assert torch.equal(kernel[0].view(torch.uint8), twin[0].view(torch.uint8))
+    fp8_cast.fp8_swiglu_cast(h, scale, torch.float8_e4m3fn, slots[:1])
+    assert launched == [Tile(32, 64, 4), Tile(64, 64, 8, 2, 2), fp8_cast_kernel.CAST_TILE]
+    monkeypatch.setattr(fast_paths, "fp8_kernel_failures", lambda device, tiles: ())
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([LightningDiTBlock(96, 2, 4.0, "sdpa")])
+    fast_paths.apply_fp8(model, "delayed", torch.device(DEVICE))
+    assert model.fp8_casts == f"triton ({TILES_ENV} cast_transpose=32x64x4,swiglu_backward_cast=64x64x8x2x2)"
+    # A mistyped override stops the run by name, rather than passing for a kernel that failed its check.
+    monkeypatch.setenv(TILES_ENV, "swiglu_backward=64x64x8")
+    with pytest.raises(ValueError, match=f"{TILES_ENV}: 'swiglu_backward=64x64x8' is not OP="):
+        fast_paths.apply_fp8(model, "delayed", torch.device(DEVICE))
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", ["cast_transpose=64x64", "cast_transpose=48x64x4", "cast_transpose=64x64x4x0x1",
+                                  "swiglu_cast=64xax4", "swiglu_cast", "rope=64x64x4"])
+def test_fp8_tile_overrides_refuse_what_is_not_a_tile(spec):
+    from sfd_scale.kernels.fp8_cast_kernel import Tile, parse_tiles, tile_name
+
+    with pytest.raises(ValueError, match="SFD_FP8_TILES: .* is not OP=ROWSxCOLSxWARPS"):
+        parse_tiles(spec)
+    tiles = {"cast_transpose": Tile(64, 64, 8), "swiglu_backward_cast": Tile(64, 32, 8, 4, 3)}
+    assert parse_tiles(",".join(f"{op}={tile_name(tile)}" for op, tile in tiles.items())) == tiles  # round trip
 
 
 @needs_triton

@@ -330,8 +330,10 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
     # its gradient with theirs: our Triton kernels where Triton runs (one read of a tensor instead
     # of several) and they match their twins on this device, else the same arithmetic in PyTorch.
     unavailable = fused_kernels_unavailable(device)
-    kernels, casts = unavailable is None, f"pytorch ({unavailable})"
-    if kernels and (failures := fp8_kernel_failures(str(device))):
+    kernels = unavailable is None
+    tiles = _tiles_note() if kernels else ""  # a bad SFD_FP8_TILES fails here, by name, not as a kernel failure
+    casts = "triton" + tiles if kernels else f"pytorch ({unavailable})"
+    if kernels and (failures := fp8_kernel_failures(str(device), tiles)):
         log.warning("FP8 (delayed): our Triton cast kernels disagree with their PyTorch twins on %s, so the casts "
                     "run in PyTorch (correct, slower). Triton %s miscompiles them here (docs/benchmarks.md, "
                     "sessions 10 and 11): %s", _device_name(device), _triton_version(), " | ".join(failures))
@@ -357,20 +359,29 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
             setattr(model.get_submodule(parent_name), child, Float8DelayedSwiGLU(module.w12, module.w3, *swiglu_ops))
             fused += 1
     register_fold_hook(model)  # the histories and scales move on once a step, for all layers at once
-    setattr(model, FP8_CASTS_ATTR, "triton" if kernels else casts)
+    setattr(model, FP8_CASTS_ATTR, casts)
     log.info("FP8 (delayed scaling, ours): %d linear layers, %d SwiGLUs fused with their casts; casts by %s",
-             len(chosen), fused, "the Triton kernels (they match their PyTorch twins here: start-up check)"
-             if kernels else "PyTorch")
+             len(chosen), fused, f"the Triton kernels{tiles} (they match their PyTorch twins here: "
+             "start-up check)" if kernels else "PyTorch")
     return len(chosen)
 
 
 @functools.cache
-def fp8_kernel_failures(device: str) -> tuple[str, ...]:
+def fp8_kernel_failures(device: str, tiles: str) -> tuple[str, ...]:
     """How our FP8 cast kernels disagree with their PyTorch twins on `device` (empty: they agree),
-    checked once per process and device (`sfd_scale.kernels.fp8_check`)."""
+    checked once per process, device and `tiles` (`_tiles_note`: the tiles SFD_FP8_TILES changes)
+    by `sfd_scale.kernels.fp8_check`."""
     from sfd_scale.kernels.fp8_check import fp8_kernel_failures as check
 
     return tuple(check(torch.device(device)))
+
+
+def _tiles_note() -> str:
+    """', tiles OP=TILE ...' for the cast kernels whose tiles `SFD_FP8_TILES` changed; '' for none."""
+    from sfd_scale.kernels.fp8_cast_kernel import DEFAULT_TILES, TILES_ENV, active_tiles, tile_name
+
+    changed = [f"{op}={tile_name(tile)}" for op, tile in active_tiles().items() if tile != DEFAULT_TILES[op]]
+    return f" ({TILES_ENV} {','.join(changed)})" if changed else ""
 
 
 def _device_name(device: torch.device) -> str:
