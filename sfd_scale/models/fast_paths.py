@@ -268,7 +268,8 @@ FP8_LINEARS = re.compile(r"^blocks\.\d+\.(.+\.)?(attn\.(qkv|proj)|mlp\.(w12|w3))
 also inside an activation-checkpointing wrapper."""
 FP8_CASTS_ATTR = "fp8_casts"
 """The attribute `apply_fp8` leaves on the model: what casts its FP8 tensors ('torchao'; 'triton',
-our kernels; or 'pytorch (why)', their twins), so a figure or a loss curve says which ran."""
+our kernels, with the tiles SFD_FP8_TILES changed; or 'pytorch (why)', their twins), so a figure or
+a loss curve says which ran."""
 
 
 def fp8_unavailable(device: torch.device, recipe: str = "tensorwise") -> str | None:
@@ -369,15 +370,16 @@ def _apply_delayed_fp8(model: nn.Module, device: torch.device) -> int:
 @functools.cache
 def fp8_kernel_failures(device: str, tiles: str) -> tuple[str, ...]:
     """How our FP8 cast kernels disagree with their PyTorch twins on `device` (empty: they agree),
-    checked once per process, device and `tiles` (`_tiles_note`: the tiles SFD_FP8_TILES changes)
-    by `sfd_scale.kernels.fp8_check`."""
+    checked by `sfd_scale.kernels.fp8_check` once per process, device and `tiles` (`_tiles_note`,
+    only a cache key here: the kernels read their tiles themselves)."""
     from sfd_scale.kernels.fp8_check import fp8_kernel_failures as check
 
     return tuple(check(torch.device(device)))
 
 
 def _tiles_note() -> str:
-    """', tiles OP=TILE ...' for the cast kernels whose tiles `SFD_FP8_TILES` changed; '' for none."""
+    """' (SFD_FP8_TILES op=tile,...)' naming the cast kernels whose tiles that variable changed; ''
+    where it changed none."""
     from sfd_scale.kernels.fp8_cast_kernel import DEFAULT_TILES, TILES_ENV, active_tiles, tile_name
 
     changed = [f"{op}={tile_name(tile)}" for op, tile in active_tiles().items() if tile != DEFAULT_TILES[op]]
