@@ -191,21 +191,22 @@ print(",".join(f"{op}={tile}" for op, tile in t.items()))' "$OUT/fp8_kernels.jso
 }
 STEPS=("$@")
 # What the session most needs first (after session 10's H100 calls: delayed FP8 394.3 images/s back
-# to back, 404.8 with the bf16 residual stream, but the FP8 kernel tests failed on CUDA; session 11
-# replaced the NaN-propagating max Triton miscompiles around): the FP8 tests, with tracebacks (do
-# they pass now? if not, the FP8 probe maps where); delayed FP8 with the bf16 residual stream (the
-# 400 images/s candidate); the loss curves none / delayed+bf16_residual / delayed (the rest of the
-# first call's budget, 150 s at least: the current kernels have no loss curve yet; the candidate's
-# curve second, so a run cut short still has it). Then, in a second call: full activation
-# checkpointing (issue 7's second target, 130 images/s, measured on the H200 only), the reference
-# with plain tuning (issue 7 asks for it beside our figures, same session), our FP8 kernels on every
-# tile, the candidate again on the fastest of them, the trainer loop with the step graph, the fp32 sums probe (mix-order reduction on, off,
-# fewer splits); delayed FP8 and bf16 alone; the plan of one XXL block on this GPU; the tests
-# of the captured step, our step without the whole-step graph (its profile names the ops behind
-# each kernel), the reference as shipped, and the rest. torchao's tensorwise
-# and rowwise-with-bf16-weight-gradient come late: the kernel plan predicts both lose to their
-# casts, as rowwise did.
-(( ${#STEPS[@]} )) || STEPS=(env fp8_gpu_tests graph_delayed_residual fp8_curve ac_blocks reference_tuned fp8_kernels graph_fastest_tiles trainer_graph sums_probe graph_delayed graph plan_cuda graph_tests weights reference graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
+# to back, 404.8 with the bf16 residual stream, but the FP8 kernel tests failed on CUDA; sessions 11
+# and 12 removed the float max Triton miscompiles FP8 stores around): the FP8 tests, with tracebacks
+# (do they pass now? if not, the FP8 probe maps where); delayed FP8 with the bf16 residual stream
+# (the 400 images/s candidate); full activation checkpointing (issue 7's second target, 130
+# images/s, measured on the H200 only: in the first call, in case there is no second); the loss
+# curves none / delayed+bf16_residual / delayed (the rest of the first call's budget, 150 s at
+# least: the current kernels have no loss curve yet; the candidate's curve second, so a run cut
+# short still has it). Then, in a second call: the reference with plain tuning (issue 7 asks for it
+# beside our figures, same session), our FP8 kernels on every tile, the candidate again on the
+# fastest of them, the trainer loop with the step graph, the fp32 sums probe (mix-order reduction
+# on, off, fewer splits); delayed FP8 and bf16 alone; the plan of one XXL block on this GPU; the
+# tests of the captured step, our step without the whole-step graph (its profile names the ops
+# behind each kernel), the reference as shipped, and the rest. torchao's tensorwise and
+# rowwise-with-bf16-weight-gradient come late: the kernel plan predicts both lose to their casts,
+# as rowwise did.
+(( ${#STEPS[@]} )) || STEPS=(env fp8_gpu_tests graph_delayed_residual ac_blocks fp8_curve reference_tuned fp8_kernels graph_fastest_tiles trainer_graph sums_probe graph_delayed graph plan_cuda graph_tests weights reference graph_residual trainer_graph_ddp trainer trainer_resident weights_residual attn_flash kernel_tests
   graph_tensorwise best_tensorwise best_gw_hp tuning residual sync_free best best_all optimizer blocks_graphs blocks_fused_ema fp8 ac_ops encode dali ceiling blocks
   blocks_fused eager_fused model model_graphs)
 for name in "${STEPS[@]}"; do run_named "$name"; done
