@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import math
 import os
 import shutil
@@ -328,6 +329,47 @@ def _inner_attention_modules(model):
     """Each block's attention module itself, inside any checkpoint wrapper (where recompute runs)."""
     unwrap = lambda m: getattr(m, "_checkpoint_wrapped_module", m)  # noqa: E731
     return [unwrap(unwrap(b).attn) for b in model.blocks]
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP leaves buffers alone in the forward, under either torch's name for the switch
+# ----------------------------------------------------------------------------------------------
+def _ddp_buffer_worker(rank: int, world: int, port: int, out: str, switch: dict) -> None:
+    from sfd_scale.parallel import ddp
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    ddp._NO_BUFFER_SYNC_PER_FORWARD = switch
+    cfg = tiny_sfd_config(Path("/unused"), parallel={"engine": "ddp"})
+    torch.manual_seed(0)
+    model = build_training_model(cfg)
+    with torch.no_grad():  # away from the zero-initialised gates, so attention (and RoPE) reach the loss
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    engine = ddp.DDPEngine(model, cfg.optim, 0.5, torch.device("cpu"))
+    table = engine.module.feat_rope.freqs_cos
+    with torch.no_grad():
+        table.add_(rank)  # a per-forward broadcast would overwrite rank 1's with rank 0's
+    g = torch.Generator().manual_seed(1)
+    x, feats = torch.randn(4, 6, 4, 4, generator=g), torch.randn(4, 8, 4, 4, generator=g)
+    terms = SFDLoss(cfg.diffusion, cfg.model.semantic_channels)(engine.model, x, torch.tensor([0, 1, 2, 3]), feats,
+                                                               generator=g)
+    engine.backward(terms["loss"])
+    torch.save({"table": table.clone(), "loss": terms["loss"].detach()}, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("switch", [{"forward_sync_buffers": False}, {"broadcast_buffers": False}],
+                         ids=["torch-2.13-name", "torch-2.11-name"])
+def test_ddp_does_not_broadcast_buffers_before_each_forward(tmp_path, switch):
+    if not switch.keys() <= inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters.keys():
+        pytest.skip(f"this torch ({torch.__version__}) has no DDP argument {next(iter(switch))}")
+    out = str(tmp_path / "buffers")
+    mp.start_processes(_ddp_buffer_worker, args=(2, free_port(), out, switch), nprocs=2, start_method="fork")
+    r0, r1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
+    assert torch.equal(r1["table"], r0["table"] + 1)
+    assert torch.isfinite(r0["loss"]) and not torch.equal(r0["loss"], r1["loss"])  # rank 1 ran its own table
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ fp32 (as DDP averages fp32 gradients) into buffers the fused optimizer reads (`m
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -29,11 +30,10 @@ class DDPEngine(LocalEngine):
     def __init__(self, model: nn.Module, optim_cfg: OptimConfig, ema_decay: float,
                  device: torch.device) -> None:
         super().__init__(model, optim_cfg, ema_decay, device)
-        # Buffers (RoPE tables) are constants, so there is nothing to broadcast per forward;
-        # gradients live in the all-reduce buckets, saving one model-sized copy.
+        # Gradients live in the all-reduce buckets, saving one model-sized copy.
         self.model = DistributedDataParallel(
             self.module, device_ids=[device] if device.type == "cuda" else None,
-            forward_sync_buffers=False, gradient_as_bucket_view=True)
+            gradient_as_bucket_view=True, **_NO_BUFFER_SYNC_PER_FORWARD)
         if self.masters:
             self.model.register_comm_hook(FP32Average(), fp32_average_hook)
         self.amax_histories = amax_histories(self.module)  # model.fp8=delayed; the module is on its device
@@ -48,6 +48,15 @@ class DDPEngine(LocalEngine):
     def save(self, folder: Path) -> None:
         if rank() == 0:  # replicated state: one copy is the whole checkpoint
             super().save(folder)
+
+
+# Buffers (RoPE tables) are constants, so there is nothing to broadcast before each forward.
+# torch 2.13 renamed the switch (`broadcast_buffers` is deprecated there); the GPU machines still
+# run torch 2.11, which knows only the old name.
+_NO_BUFFER_SYNC_PER_FORWARD = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False})
 
 
 class FP32Average:
