@@ -90,7 +90,7 @@ TRAINER=(launchers/bench_trainer.py --config configs/sfd_xxl.yaml --set model.co
   --set optim.bf16_weights=true --batch-size 32 --warmup 5 --steps 20 --profile-steps 4 --work-dir /tmp/trainer_bench)
 run_named() {
   case $1 in
-    env) step env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'" ;;
+    env) step env 30 bash -c "nvidia-smi; $PY -c 'import sys, numpy, torch, triton; print(torch.__version__, triton.__version__, numpy.__version__, sys.version.split()[0], torch.cuda.get_device_name())'" ;;
     ceiling) step ceiling 40 $PY .peer/peer_bench.py ceiling ;;
     blocks) step blocks_with_baseline_and_profile 180 $PY "${XXL[@]}" --compile blocks --profile-steps 3 --json "$OUT/xxl_blocks.json" ;;
     blocks_fused) step blocks_fused_kernels 150 env TORCH_LOGS=graph_breaks $PY "${XXL[@]}" --compile blocks --fused-kernels \
