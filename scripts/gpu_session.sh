@@ -7,9 +7,9 @@
 # scripts/prepare_gpu_carry.sh makes both) and runs the default steps with SESSION_BUDGET_S ~440
 # (timeout_s 530; the machine's start took ~30 s on 2026-11-27); ignored files and /tmp stay on
 # the warm machine (30 s), so a second call at once carries nothing and runs what the first one
-# skipped (named as STEP arguments). Run any other command of the call
-# after this script, or make sfd_scale/kernels first as the script does (below): on 2026-11-27 a
-# probe run before it could not import the kernels, and the session had no device time to rerun it.
+# skipped (named as STEP arguments). Run any other command of the call after this script, or make
+# sfd_scale/kernels first as the script does (below): on 2026-11-27 a probe run before it could not
+# import the kernels, and the session had no device time to rerun it.
 # `dali` needs the DALI bundle (~270 MB, over one call's 64 MiB): carried as
 # .whl/dali-bundle.tar.part-aa..ae plus .whl/dali-bundle.tar.sha256, one part per call to a warm
 # machine, so only a session with device time to spare takes it.
