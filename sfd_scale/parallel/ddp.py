@@ -24,6 +24,15 @@ from sfd_scale.parallel.distributed import rank
 from sfd_scale.parallel.engine import LocalEngine
 
 
+# Buffers (RoPE tables) are constants, so there is nothing to broadcast before each forward.
+# torch 2.13 renamed the switch (`broadcast_buffers` is deprecated there); the GPU machines still
+# run torch 2.11, which knows only the old name.
+_NO_BUFFER_SYNC_PER_FORWARD = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False})
+
+
 class DDPEngine(LocalEngine):
     """LocalEngine's optimizer, EMA and files, with DDP's gradient averaging."""
 
@@ -48,15 +57,6 @@ class DDPEngine(LocalEngine):
     def save(self, folder: Path) -> None:
         if rank() == 0:  # replicated state: one copy is the whole checkpoint
             super().save(folder)
-
-
-# Buffers (RoPE tables) are constants, so there is nothing to broadcast before each forward.
-# torch 2.13 renamed the switch (`broadcast_buffers` is deprecated there); the GPU machines still
-# run torch 2.11, which knows only the old name.
-_NO_BUFFER_SYNC_PER_FORWARD = (
-    {"forward_sync_buffers": False}
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-    else {"broadcast_buffers": False})
 
 
 class FP32Average:
